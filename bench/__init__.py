@@ -1,0 +1,1 @@
+"""Benchmarks and experiments, runnable as modules: `python -m bench` (see bench/__main__.py)."""

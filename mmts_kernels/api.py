@@ -1,0 +1,88 @@
+"""Public functional API (DESIGN §9): validate → pick a backend → statistics → loss."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, losses
+from .validation import Problem, validate
+
+
+def contrastive_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss: str = "infonce",
+    temperature=0.07,
+    margin=0.2,
+    hardest_negative: bool = False,
+    targets: torch.Tensor | None = None,
+    symmetric: bool = True,
+    reduction: str = "mean",
+    normalize: bool = False,
+    check_finite: bool = False,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """Contrastive loss between the rows of ``x`` [N, D] (or [H, N, D]) and ``y`` [M, D] (or [H, M, D]).
+
+    loss:              "infonce" (uses ``temperature``) or "max_margin" (uses ``margin``).
+    temperature:       float, 0-dim / [N] / [H, N] tensor (may require grad), or ``mk.DySTreSS(...)``.
+                       Row i uses τ_i; in the symmetric loss column j uses τ_j (MM-TS semantics).
+    margin:            float, 0-dim / [N] / [H, N] tensor; per-sample margins as in MM-TS max-margin.
+    hardest_negative:  max_margin only: VSE++ hardest negative instead of all negatives.
+    targets:           [N] integer positive column of each row (needs ``symmetric=False``); default arange(N).
+    symmetric:         both directions (x→y and y→x); needs N == M and targets=None.
+    reduction:         "mean" | "sum" | "none" (per-anchor terms, [2, N] symmetric, [N] otherwise; [H, …] with
+                       heads). With heads, "mean" and "sum" reduce each head and sum over heads.
+    normalize:         L2-normalize x and y (differentiably) first; the library never normalizes silently.
+    check_finite:      raise ValueError on NaN/Inf inputs instead of propagating NaN.
+    backend:           "auto" | "torch" | "triton" | "cpp"; see ``mk.available_backends()``.
+    deterministic:     bitwise-reproducible fused kernels; default ``torch.are_deterministic_algorithms_enabled()``.
+    process_group:     a torch.distributed group: local loss against negatives gathered from every rank.
+
+    Returns fp32 (fp64 for fp64 inputs) whatever the input dtype.
+    """
+    problem = validate(
+        x, y, loss=loss, temperature=temperature, margin=margin, hardest_negative=hardest_negative,
+        targets=targets, symmetric=symmetric, reduction=reduction, check_finite=check_finite, backend=backend,
+        deterministic=deterministic,
+    )
+    impl = backends.resolve(backend, problem.x.device)
+    if normalize:
+        problem = _normalized(problem)
+    if process_group is not None:
+        from . import distributed  # torch.distributed is only touched when asked for
+
+        return distributed.distributed_loss(problem, impl, process_group)
+    return loss_from_problem(problem, impl)
+
+
+def info_nce(x: torch.Tensor, y: torch.Tensor, temperature=0.07, **kwargs) -> torch.Tensor:
+    """InfoNCE (CLIP loss): ``contrastive_loss(x, y, loss="infonce", temperature=temperature, ...)``."""
+    return contrastive_loss(x, y, loss="infonce", temperature=temperature, **kwargs)
+
+
+def max_margin(x: torch.Tensor, y: torch.Tensor, margin=0.2, **kwargs) -> torch.Tensor:
+    """Max-margin ranking loss: ``contrastive_loss(x, y, loss="max_margin", margin=margin, ...)``."""
+    return contrastive_loss(x, y, loss="max_margin", margin=margin, **kwargs)
+
+
+def loss_from_problem(problem: Problem, impl) -> torch.Tensor:
+    """Statistics from the backend, then the O(N) loss on top of them."""
+    stats = impl.compute_stats(problem.x, problem.y, problem.tau, problem.margin, problem.targets, problem.request)
+    terms = losses.per_anchor_terms(
+        stats, loss=problem.loss, hardest_negative=problem.hardest_negative, tau=problem.tau,
+        dystress=problem.request.dystress, margin=problem.margin, symmetric=problem.symmetric,
+    )
+    return losses.reduce_terms(
+        terms, loss=problem.loss, hardest_negative=problem.hardest_negative, reduction=problem.reduction,
+        num_cols=problem.y.shape[1], has_heads=problem.has_heads,
+    )
+
+
+def _normalized(problem: Problem) -> Problem:
+    return replace(problem, x=F.normalize(problem.x, dim=-1), y=F.normalize(problem.y, dim=-1))

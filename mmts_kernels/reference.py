@@ -1,0 +1,85 @@
+"""The ``torch`` backend: the reference, and the spec in code.
+
+It materializes S = x yᵀ (O(H·N·M) memory) and computes the statistics of ``mmts_kernels.stats`` with plain
+torch ops, so autograd gives every gradient, including those of a learnable temperature or margin.
+It runs anywhere torch runs, float64 included. The fused backends are tested against it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .stats import Stats, StatsRequest, compute_dtype
+
+
+def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
+    return None  # runs on every device torch supports
+
+
+def compute_stats(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tau: Optional[torch.Tensor],
+    margin: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    request: StatsRequest,
+    *,
+    upcast: bool = True,
+) -> Stats:
+    """Statistics of S = x yᵀ, materialized.
+
+    ``upcast=True`` (the backend) computes S in fp32 (fp64 for fp64 inputs). ``upcast=False`` computes S in the
+    input dtype and only then upcasts: the "torch in the same low precision" baseline the accuracy tests
+    bound the fused kernels by.
+    """
+    cdt = compute_dtype(x.dtype)
+    if upcast:
+        S = torch.matmul(x.to(cdt), y.to(cdt).transpose(-1, -2))
+    else:
+        S = torch.matmul(x, y.transpose(-1, -2)).to(cdt)
+    H, N, M = S.shape
+    is_pos = targets.view(1, N, 1) == torch.arange(M, device=S.device).view(1, 1, M)  # [1, N, M]
+    pos = S.gather(2, targets.view(1, N, 1).expand(H, N, 1)).squeeze(2)
+    out = {"pos": pos}
+
+    if request.lse:
+        if request.dystress is not None:
+            tau_rows = tau_cols = request.dystress(S.detach())
+        else:
+            tau_rows, tau_cols = tau.to(cdt).unsqueeze(2), tau.to(cdt).unsqueeze(1)  # row i: τ_i, column j: τ_j
+        out["lse"], out["ws"] = _lse_ws(S, S / tau_rows, dim=2, want_ws=request.ws)
+        if request.cols:
+            out["lse_c"], out["ws_c"] = _lse_ws(S, S / tau_cols, dim=1, want_ws=request.ws)
+
+    if request.hinge:
+        m = margin.to(cdt)
+        out["hinge"], out["cnt"] = _hinge(m.unsqueeze(2) + S - pos.unsqueeze(2), is_pos, dim=2)
+        if request.cols:  # column j: positive S_jj = pos[j], margin m_j
+            out["hinge_c"], out["cnt_c"] = _hinge(m.unsqueeze(1) + S - pos.unsqueeze(1), is_pos, dim=1)
+
+    if request.hard:
+        negatives = S.masked_fill(is_pos, float("-inf"))
+        out["hard"], out["arg"] = _first_max(negatives, dim=2)
+        if request.cols:
+            out["hard_c"], out["arg_c"] = _first_max(negatives, dim=1)
+    return Stats(**out)
+
+
+def _lse_ws(S: torch.Tensor, logits: torch.Tensor, dim: int, want_ws: bool):
+    lse = torch.logsumexp(logits, dim=dim)
+    ws = (torch.softmax(logits, dim=dim) * S).sum(dim) if want_ws else None
+    return lse, ws
+
+
+def _hinge(violation: torch.Tensor, is_pos: torch.Tensor, dim: int):
+    violation = violation.masked_fill(is_pos, 0.0)  # the positive pair is not its own negative
+    return torch.relu(violation).sum(dim), (violation > 0).sum(dim)
+
+
+def _first_max(values: torch.Tensor, dim: int):
+    """Max along ``dim`` and the lowest index that attains it (ties resolved deterministically)."""
+    best = values.amax(dim=dim, keepdim=True)
+    idx = torch.arange(values.shape[dim], device=values.device).view([-1 if d == dim else 1 for d in range(3)])
+    arg = torch.where(values == best, idx, values.shape[dim]).amin(dim=dim)
+    return values.gather(dim, arg.unsqueeze(dim)).squeeze(dim), arg

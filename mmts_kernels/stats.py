@@ -1,0 +1,74 @@
+"""The contract between the API and every backend: which statistics of S = x yᵀ to compute, and what comes back.
+
+Every loss of the library is a cheap O(N) function of per-row (and, for symmetric losses, per-column)
+statistics of the similarity matrix S (DESIGN §3). A backend implements exactly one function,
+
+    compute_stats(x, y, tau, margin, targets, request) -> Stats
+
+with these inputs (already validated and normalized by ``mmts_kernels.validation``):
+
+    x        [H, N, D]  floating (fp64, fp32, bf16 or fp16), any strides
+    y        [H, M, D]  same dtype and device as x
+    tau      [H, N]     per-sample temperature (fp32, or fp64 for fp64 inputs), possibly an expanded view,
+                        possibly requiring grad; None when ``request.dystress`` is set or no lse is requested
+    margin   [H, N]     per-sample margin (same dtype rules), possibly requiring grad; None when no hinge /
+                        hardest negative is requested
+    targets  [N] int64  positive column of each row; ``arange(N)`` in the symmetric case
+
+and it returns a ``Stats`` whose requested fields are [H, N] tensors (fp32, or fp64 for fp64 inputs;
+``cnt`` and ``arg`` int64), differentiable with respect to x, y, tau and margin:
+
+    pos_i   = S_{i,t_i}
+    lse_i   = log Σ_j exp(S_ij / τ_ij)          τ_ij = tau[i] (row), or dystress(S_ij.detach())
+    hinge_i = Σ_{j≠t_i} relu(m_i + S_ij − pos_i),   cnt_i = #{ j≠t_i : m_i + S_ij − pos_i > 0 }
+    hard_i  = max_{j≠t_i} S_ij,   arg_i = its column (the lowest such column on ties)
+    ws_i    = Σ_j softmax_j(S_ij/τ_ij) · S_ij    (what a fused backward needs for ∂lse_i/∂τ_i = −ws_i/τ_i²)
+
+The ``*_c`` fields are the same statistics of column j over Sᵀ (only when ``request.cols``, which implies the
+square symmetric case, targets = arange(N)): they use τ_j and m_j, the per-sample values of pair j, and the
+column positive S_jj, which equals ``pos[j]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .temperature import DySTreSS
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Which statistics to compute; fused backends turn these into compile-time switches."""
+
+    lse: bool = False
+    hinge: bool = False
+    hard: bool = False
+    ws: bool = False  # only when tau requires grad
+    cols: bool = False  # square symmetric case: the column statistics too, from the same pass
+    dystress: Optional[DySTreSS] = None
+    deterministic: bool = False
+
+
+class Stats(NamedTuple):
+    """Per-row (and per-column ``*_c``) statistics; fields not requested are None."""
+
+    pos: torch.Tensor
+    lse: Optional[torch.Tensor] = None
+    hinge: Optional[torch.Tensor] = None
+    cnt: Optional[torch.Tensor] = None
+    hard: Optional[torch.Tensor] = None
+    arg: Optional[torch.Tensor] = None
+    ws: Optional[torch.Tensor] = None
+    lse_c: Optional[torch.Tensor] = None
+    hinge_c: Optional[torch.Tensor] = None
+    cnt_c: Optional[torch.Tensor] = None
+    hard_c: Optional[torch.Tensor] = None
+    arg_c: Optional[torch.Tensor] = None
+    ws_c: Optional[torch.Tensor] = None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and losses are fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,204 @@
+"""Shared test support: the one CUDA skip marker, hypothesis strategies for loss cases, and the comparison of any
+backend against the float64 reference (values and every gradient), imported by every test file."""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import strategies as st
+
+import mmts_kernels as mk
+from mmts_kernels import api, reference
+from mmts_kernels.validation import validate
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
+
+
+def backend_marker(name: str):
+    """Skip a test when backend ``name`` cannot run on any device here, with the library's own reason."""
+    reason = mk.available_backends()[name]
+    return pytest.mark.skipif(reason is not None, reason=f"backend {name!r} unavailable: {reason}")
+
+
+def test_device(backend: str) -> torch.device:
+    """Where a backend's tests run: the GPU when there is one (triton), the CPU otherwise."""
+    if backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases: one loss configuration with its shapes, drawn by hypothesis.
+
+TEMPERATURE_MODES = ("float", "scalar_tensor", "per_sample", "learnable_scalar", "learnable_per_sample", "dystress")
+MARGIN_MODES = ("float", "per_sample", "learnable_per_sample")
+
+
+@dataclass(frozen=True)
+class Case:
+    N: int
+    M: int
+    D: int
+    H: Optional[int] = None  # None: no head axis
+    loss: str = "infonce"
+    hardest_negative: bool = False
+    symmetric: bool = True
+    reduction: str = "mean"
+    temperature_mode: str = "per_sample"
+    tau_lo: float = 0.05
+    tau_hi: float = 0.5
+    margin_mode: str = "per_sample"
+    scale: float = 1.0  # input norm scale; unit-norm-ish rows when 1
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+
+@st.composite
+def cases(draw, max_n: int = 64, max_d: int = 64, dtypes=(torch.float32,), heads: bool = True) -> Case:
+    loss = draw(st.sampled_from(("infonce", "max_margin")))
+    hardest = loss == "max_margin" and draw(st.booleans())
+    symmetric = draw(st.booleans())
+    N = draw(st.integers(2 if symmetric else 1, max_n))
+    M = N if symmetric else draw(st.integers(2, max_n))
+    tau_lo = draw(st.floats(1e-3, 10.0))
+    tau_hi = draw(st.floats(tau_lo, min(10.0, 4 * tau_lo)))
+    return Case(
+        N=N, M=M, D=draw(st.integers(1, max_d)),
+        H=draw(st.sampled_from((None, 1, 3))) if heads else None,
+        loss=loss, hardest_negative=hardest, symmetric=symmetric,
+        reduction=draw(st.sampled_from(("mean", "sum", "none"))),
+        temperature_mode=draw(st.sampled_from(TEMPERATURE_MODES)),
+        tau_lo=tau_lo, tau_hi=tau_hi,
+        margin_mode=draw(st.sampled_from(MARGIN_MODES)),
+        scale=draw(st.sampled_from((0.3, 1.0, 3.0))),
+        dtype=draw(st.sampled_from(dtypes)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@dataclass
+class Inputs:
+    """Leaf tensors of one case and the keyword arguments of ``mk.contrastive_loss``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    leaves: dict  # name -> leaf tensor whose gradient is compared
+    kwargs: dict
+    upstream: torch.Tensor  # random weights of the output: grad_output != 1
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> Inputs:
+    """Random (never zero) inputs of ``case``; float64 masters are drawn first so every dtype sees the same data."""
+    g = torch.Generator().manual_seed(case.seed)
+    lead = () if case.H is None else (case.H,)
+    x64 = torch.randn(*lead, case.N, case.D, generator=g, dtype=torch.float64) * (case.scale / case.D**0.5)
+    y64 = torch.randn(*lead, case.M, case.D, generator=g, dtype=torch.float64) * (case.scale / case.D**0.5)
+    x = x64.to(device=device, dtype=dtype).requires_grad_()
+    y = y64.to(device=device, dtype=dtype).requires_grad_()
+    leaves = {"x": x, "y": y}
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    kwargs = dict(loss=case.loss, hardest_negative=case.hardest_negative, symmetric=case.symmetric,
+                  reduction=case.reduction)
+    if not case.symmetric:
+        kwargs["targets"] = torch.randint(0, case.M, (case.N,), generator=g).to(device)
+
+    def per_sample(lo, hi, shape):
+        return (lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=pdt)
+
+    mode = case.temperature_mode
+    if mode == "float":
+        kwargs["temperature"] = float(per_sample(case.tau_lo, case.tau_hi, ()))
+    elif mode == "dystress":
+        kwargs["temperature"] = mk.DySTreSS(case.tau_lo, case.tau_hi)
+    else:
+        tau = per_sample(case.tau_lo, case.tau_hi, () if "scalar" in mode else (case.N,))
+        if "learnable" in mode:
+            leaves["temperature"] = tau.requires_grad_()
+        kwargs["temperature"] = tau
+    if case.margin_mode == "float":
+        kwargs["margin"] = float(per_sample(0.05, 0.5, ()))
+    else:
+        margin = per_sample(0.05, 0.5, (case.N,))
+        if "learnable" in case.margin_mode:
+            leaves["margin"] = margin.requires_grad_()
+        kwargs["margin"] = margin
+    out_shape = ([case.H] if case.H is not None and case.reduction == "none" else []) + (
+        ([2] if case.symmetric else []) + [case.N] if case.reduction == "none" else [])
+    upstream = (0.5 + torch.rand(out_shape, generator=g, dtype=torch.float64)).to(device)
+    return Inputs(x, y, leaves, kwargs, upstream)
+
+
+def loss_and_grads(inputs: Inputs, loss_fn=None, **extra):
+    """The loss and the gradients of every leaf, for the weighted sum Σ upstream·loss."""
+    loss_fn = loss_fn or mk.contrastive_loss
+    out = loss_fn(inputs.x, inputs.y, **inputs.kwargs, **extra)
+    used = {k: v for k, v in inputs.leaves.items() if _used(k, inputs.kwargs)}
+    grads = torch.autograd.grad((out.double() * inputs.upstream).sum(), list(used.values()), allow_unused=True)
+    return out.detach(), {k: (torch.zeros_like(v) if gr is None else gr) for (k, v), gr in zip(used.items(), grads)}
+
+
+def _used(name: str, kwargs: dict) -> bool:
+    if name == "temperature":
+        return kwargs["loss"] == "infonce"
+    if name == "margin":
+        return kwargs["loss"] == "max_margin"
+    return True
+
+
+def lowprec_reference_loss(x, y, **kwargs):
+    """The torch reference run in the input's low precision (S computed in that dtype): the accuracy baseline."""
+    kwargs.pop("backend", None)
+    problem = validate(x, y, check_finite=False, backend="torch", deterministic=None,
+                       **{k: kwargs.get(k, d) for k, d in _DEFAULTS.items()})
+    shim = SimpleNamespace(compute_stats=functools.partial(reference.compute_stats, upcast=False))
+    return api.loss_from_problem(problem, shim)
+
+
+_DEFAULTS = dict(loss="infonce", temperature=0.07, margin=0.2, hardest_negative=False, targets=None,
+                 symmetric=True, reduction="mean")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (the DESIGN §6 measure); absolute when ref is 0."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def check_backend_against_reference(case: Case, backend: str, *, device=None, fp32_tol: float = 1e-5,
+                                    lowprec_slack: float = 2.0, lowprec_tol: float = 1e-3, **extra) -> None:
+    """Values and all gradients of ``backend`` on ``case`` against the float64 torch reference.
+
+    fp32/fp64: ‖out − ref‖/‖ref‖ ≤ fp32_tol (1e-5 by DESIGN §6; pass a tighter one for fp64).
+    bf16/fp16: no worse than ``lowprec_slack`` × the error of the torch reference run in the same low precision,
+    plus ``lowprec_tol``.
+    """
+    device = device or test_device(backend)
+    ref = make_inputs(case, torch.float64)
+    ref_out, ref_grads = loss_and_grads(ref, backend="torch")
+    got = make_inputs(case, case.dtype, device)
+    out, grads = loss_and_grads(got, backend=backend, **extra)
+    assert out.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32), out.dtype
+    assert out.shape == ref_out.shape, (out.shape, ref_out.shape)
+    pairs = [("loss", out, ref_out)] + [(k, grads[k], ref_grads[k]) for k in ref_grads]
+    if case.dtype in (torch.float32, torch.float64):
+        for name, a, b in pairs:
+            err = rel_err(a, b)
+            assert err <= fp32_tol, f"{backend} {name}: rel err {err:.3e} > {fp32_tol:.1e} on {case}"
+        return
+    low = make_inputs(case, case.dtype, device)
+    low_out, low_grads = loss_and_grads(low, loss_fn=lowprec_reference_loss)
+    low_pairs = [low_out] + [low_grads[k] for k in ref_grads]
+    for (name, a, b), c in zip(pairs, low_pairs):
+        err, base = rel_err(a, b), rel_err(c, b)
+        assert err <= lowprec_slack * base + lowprec_tol, (
+            f"{backend} {name}: rel err {err:.3e} > {lowprec_slack}×{base:.3e} + {lowprec_tol:.0e} on {case}")
+
+
+def with_dtype(case: Case, dtype: torch.dtype) -> Case:
+    return replace(case, dtype=dtype)
