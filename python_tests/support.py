@@ -202,3 +202,24 @@ def check_backend_against_reference(case: Case, backend: str, *, device=None, fp
 
 def with_dtype(case: Case, dtype: torch.dtype) -> Case:
     return replace(case, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: every tensor an op creates, seen through a dispatch mode (works for custom ops and autograd too).
+
+class AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor produced by any aten op run inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numels.append((str(func), t.numel()))
+        return out
+
+    def largest(self) -> tuple[str, int]:
+        return max(self.numels, key=lambda item: item[1], default=("nothing", 0))
