@@ -102,7 +102,7 @@ def assert_matches_independent(case: Case):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-@given(cases(max_n=24, max_d=24))
+@given(cases(max_n=64, max_d=64))
 def test_reference_matches_independent_formulations(case):
     assert_matches_independent(with_dtype(case, torch.float64))
 
