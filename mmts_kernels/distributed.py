@@ -1,7 +1,168 @@
-"""Data-parallel losses over torch.distributed (DESIGN §8)."""
+"""Data-parallel losses over torch.distributed (DESIGN §8): local loss against negatives gathered from every rank.
+
+Every rank holds its local pairs (x_i, y_i, τ_i, m_i), i in [0, n_r); the global batch is their concatenation in
+rank order, N = Σ_r n_r, and rank r's samples start at offset o_r = Σ_{r' < r} n_r' (local batch sizes may differ).
+Each rank scores only its own anchors, but against every candidate of the global batch:
+
+    row direction     local x_i (τ_i, m_i)  against all gathered y, positive column o_r + t_i
+    column direction  local y_j (τ_j, m_j)  against all gathered x, positive row    o_r + j     (symmetric only)
+
+Both directions are row statistics of a backend's ``compute_stats`` (cols=False): the column direction is the row
+direction of Sᵀ with x and y swapped, and column j of the single-process loss uses τ_j and m_j, the values of
+pair j — a local sample. So per-sample temperatures and margins never travel; only x and y are gathered (x only
+for symmetric losses). Under DySTreSS the per-pair τ is a function of S and is recomputed where it is needed.
+The per-anchor terms are exactly those of one process on the concatenated batch, and ``losses.per_anchor_terms``
+builds them from the two row-statistics passes unchanged.
+
+Gradients. The gather is an autograd Function: forward all-gathers the (padded) local blocks; backward
+reduce-scatters (sums) the gradient of the gathered tensor, so each rank receives Σ_r' ∂L_r'/∂(its samples).
+The local anchors also receive their direct gradient. Under DDP, which averages parameter gradients over the
+W ranks, every parameter then gets (1/W) ∂(Σ_r L_r)/∂θ.
+
+Reductions — the rule: **the mean over ranks of the returned losses is the single-process value**, so that
+
+    mean_r L_r = L_single     and, with DDP's gradient averaging,   ∇θ = ∇θ L_single   (no world-size factor)
+
+    "mean"  L_r = W · Σ_{local terms} / C, with C the GLOBAL count of DESIGN §4: InfoNCE 2N (N one-directional),
+            max-margin Σ / 2N(N−1) (N(M−1) one-directional, M = Σ_r m_r), hardest negative 2N (N); per head,
+            heads summed. With equal local batches this is the local mean, as in open_clip.
+    "sum"   L_r = W · Σ_{local terms}   (mean over ranks = the global sum)
+    "none"  this rank's per-anchor terms, unscaled: [2, n_r] symmetric, [n_r] one-directional, [H, …] with heads —
+            the single-process output's columns o_r … o_r + n_r − 1, so an all_gather of them along the last axis
+            is the single-process output. Reduce them yourself the same way: a sum of them that feeds DDP must be
+            multiplied by W (what reduction="sum" does).
+
+With explicit ``targets`` (one-directional), each rank's targets index its LOCAL y; they are offset by the number
+of y samples on lower ranks. Every rank of the group must call the loss, and call backward on it, the same number
+of times in the same order (the gather's backward is a collective).
+"""
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import losses
+from .stats import Stats
+
+# Collective names changed in torch 2.13 (the *_into_tensor / *_tensor names are deprecated there).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def distributed_loss(problem, impl, process_group):
-    raise ValueError("process_group: data-parallel losses are not part of this version of mmts_kernels yet; "
-                     "call the loss on the local batch or gather the embeddings yourself")
+    """The loss of ``problem`` (this rank's local batch) with negatives gathered over ``process_group``."""
+    group = _check_group(process_group)
+    world = dist.get_world_size(group)
+    if world == 1:
+        from .api import loss_from_problem
+
+        return loss_from_problem(problem, impl)
+    rank = dist.get_rank(group)
+    x, y = problem.x, problem.y  # [H, n, D], [H, m, D]
+    n, m = x.shape[1], y.shape[1]
+    sizes = _all_sizes((n, m), x.device, group)  # [W][2]
+    n_sizes, m_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
+    n_all, m_all = sum(n_sizes), sum(m_sizes)
+    row_offset, col_offset = sum(n_sizes[:rank]), sum(m_sizes[:rank])
+    if m_all < 2:
+        raise ValueError(f"y must hold at least 2 samples over the process group (M={m_all}): every row needs "
+                         "a negative")
+
+    row_request = replace(problem.request, cols=False)
+    if problem.symmetric:  # n == m on every rank: gather x and y in one collective
+        xy_all = gather_with_grad(torch.stack((x, y)), n_sizes, dim=2, group=group)
+        x_all, y_all = xy_all[0], xy_all[1]
+    else:
+        x_all, y_all = None, gather_with_grad(y, m_sizes, dim=1, group=group)
+
+    row = impl.compute_stats(x, y_all, problem.tau, problem.margin, problem.targets + col_offset, row_request)
+    if problem.symmetric:
+        own = torch.arange(n, device=x.device) + row_offset
+        col = impl.compute_stats(y, x_all, problem.tau, problem.margin, own, row_request)
+        stats = Stats(pos=row.pos, lse=row.lse, hinge=row.hinge, cnt=row.cnt, hard=row.hard, arg=row.arg,
+                      ws=row.ws, lse_c=col.lse, hinge_c=col.hinge, cnt_c=col.cnt, hard_c=col.hard,
+                      arg_c=col.arg, ws_c=col.ws)
+    else:
+        stats = row
+    terms = losses.per_anchor_terms(
+        stats, loss=problem.loss, hardest_negative=problem.hardest_negative, tau=problem.tau,
+        dystress=problem.request.dystress, margin=problem.margin, symmetric=problem.symmetric,
+    )
+    total = losses.reduce_terms(terms, loss=problem.loss, hardest_negative=problem.hardest_negative,
+                                reduction="sum" if problem.reduction == "mean" else problem.reduction,
+                                num_cols=m_all, has_heads=problem.has_heads)
+    if problem.reduction == "none":
+        return total
+    if problem.reduction == "sum":
+        return total * world
+    global_count = losses.mean_count(loss=problem.loss, hardest_negative=problem.hardest_negative,
+                                     anchors=2 * n_all if problem.symmetric else n_all, num_cols=m_all)
+    return total * (world / global_count)
+
+
+def _check_group(process_group):
+    if not dist.is_available():
+        raise ValueError("process_group: this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialized; call "
+                         "torch.distributed.init_process_group first")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("process_group: this process is not a member of the group")
+    return process_group
+
+
+def _all_sizes(local: Sequence[int], device: torch.device, group) -> list[list[int]]:
+    """Every rank's ``local`` sizes, in rank order (one small all-gather)."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor(local, dtype=torch.int64, device=device)
+    out = torch.empty(world * len(local), dtype=torch.int64, device=device)
+    _all_gather_single(out, mine, group=group)
+    return out.view(world, len(local)).tolist()
+
+
+def gather_with_grad(local: torch.Tensor, sizes: Sequence[int], *, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's ``local`` along ``dim`` (rank r contributes ``sizes[r]`` entries there).
+
+    Differentiable: the gradient of the result is summed over ranks and each rank receives its own slice.
+    """
+    return _GatherWithGrad.apply(local, tuple(int(s) for s in sizes), dim, group)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all-gather forward, reduce-scatter (sum) backward; blocks padded to the largest local size."""
+
+    @staticmethod
+    def forward(ctx, local, sizes, dim, group):
+        ctx.sizes, ctx.dim, ctx.group = sizes, dim, group
+        world, biggest = len(sizes), max(sizes)
+        block = local.movedim(dim, 0)  # [n_r, ...]
+        padded = block.new_zeros((biggest,) + tuple(block.shape[1:]))
+        padded[: block.shape[0]] = block
+        gathered = padded.new_empty((world * biggest,) + tuple(padded.shape[1:]))
+        _all_gather_single(gathered, padded, group=group)
+        pieces = [gathered[r * biggest: r * biggest + s] for r, s in enumerate(sizes)]
+        return torch.cat(pieces, dim=0).movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, dim, group = ctx.sizes, ctx.dim, ctx.group
+        world, biggest, rank = len(sizes), max(sizes), dist.get_rank(group)
+        flat = grad.movedim(dim, 0)
+        padded = flat.new_zeros((world * biggest,) + tuple(flat.shape[1:]))
+        start = 0
+        for r, s in enumerate(sizes):
+            padded[r * biggest: r * biggest + s] = flat[start: start + s]
+            start += s
+        mine = padded.new_empty((biggest,) + tuple(padded.shape[1:]))
+        if dist.get_backend(group) == "gloo" and not hasattr(dist, "reduce_scatter_single"):
+            dist.all_reduce(padded, group=group)  # older gloo has no reduce-scatter
+            mine.copy_(padded[rank * biggest: (rank + 1) * biggest])
+        else:
+            _reduce_scatter_single(mine, padded, group=group)
+        return mine[: sizes[rank]].movedim(0, dim), None, None, None

@@ -50,6 +50,14 @@ def per_anchor_terms(
     return torch.stack((row, col), dim=1) if symmetric else row
 
 
+def mean_count(*, loss: str, hardest_negative: bool, anchors: int, num_cols: int) -> int:
+    """The denominator of reduction="mean", per head: anchors (2N symmetric, N otherwise), times the M − 1
+    negatives of each anchor for max-margin over all negatives. ½(mean_row + mean_col) == Σ / 2N for InfoNCE."""
+    if loss == "max_margin" and not hardest_negative:
+        return anchors * (num_cols - 1)
+    return anchors
+
+
 def reduce_terms(
     terms: torch.Tensor, *, loss: str, hardest_negative: bool, reduction: str, num_cols: int, has_heads: bool
 ) -> torch.Tensor:
@@ -58,9 +66,6 @@ def reduce_terms(
         return terms if has_heads else terms.squeeze(0)
     per_head = terms.flatten(1).sum(1)
     if reduction == "mean":
-        anchors = terms[0].numel()  # 2N symmetric, N otherwise
-        if loss == "max_margin" and not hardest_negative:
-            per_head = per_head / (anchors * (num_cols - 1))
-        else:  # ½(mean_row + mean_col) == Σ / 2N when both directions have N anchors
-            per_head = per_head / anchors
+        per_head = per_head / mean_count(loss=loss, hardest_negative=hardest_negative, anchors=terms[0].numel(),
+                                         num_cols=num_cols)
     return per_head.sum()

@@ -52,7 +52,10 @@ def validate(
     check_finite,
     backend,
     deterministic,
+    distributed=False,
 ) -> Problem:
+    """``distributed``: the batch is one rank's share; checks that need the global batch (M ≥ 2) are left to
+    ``mmts_kernels.distributed``."""
     _check_choice("loss", loss, LOSSES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)
@@ -77,7 +80,7 @@ def validate(
         if N != M:
             raise ValueError(f"symmetric=True needs as many rows as columns (x has N={N}, y has M={M}); "
                              "pass symmetric=False for a rectangular batch")
-    if M < 2:
+    if M < 2 and not distributed:
         raise ValueError(f"y must hold at least 2 samples (M={M}): every row needs a negative")
     targets = _check_targets(targets, N, M, x3.device, checking_values)
 
