@@ -8,10 +8,20 @@ Where things are:
     reference.py    the ``torch`` backend: the spec in code, materializes S
     backends.py     registry, availability and backend="auto"
     temperature.py  DySTreSS per-pair temperature
+    schedules.py    TS and MM-TS temperature / margin schedules
+    clusters.py     per-sample cluster sizes from labels or k-means
+    modules.py      nn.Module losses (ContrastiveLoss, MMTSLoss)
+    amcl.py         multi-head AMCL with its temperature network
+    distributed.py  local loss with negatives gathered over torch.distributed
+    triton_backend/ the fused Triton kernels (GPU)
+    cpp_backend/    the fused C++ CPU kernels (sources in csrc/)
 """
-from . import backends, schedules
+from . import backends, clusters, schedules
+from .amcl import AMCLLoss, AMCLTemperatureNet, amcl_loss
 from .api import contrastive_loss, info_nce, max_margin
 from .backends import available_backends
+from .clusters import Clusters, clusters_from_labels, embed_captions, kmeans
+from .modules import ContrastiveLoss, MMTSLoss
 from .temperature import DySTreSS
 
 __all__ = [
@@ -21,5 +31,16 @@ __all__ = [
     "DySTreSS",
     "available_backends",
     "schedules",
+    "clusters",
+    "backends",
+    "amcl_loss",
+    "AMCLLoss",
+    "AMCLTemperatureNet",
+    "Clusters",
+    "clusters_from_labels",
+    "embed_captions",
+    "kmeans",
+    "ContrastiveLoss",
+    "MMTSLoss",
 ]
 __version__ = "0.1.0"

@@ -1,57 +1,154 @@
-"""Temperature schedules (DESIGN §5): stateless functions of the training step.
+"""Temperature and margin schedules (DESIGN §5): stateless functions of the training step.
 
-    TS     τ(t)   = τ_min + ½(τ_max − τ_min)(1 + cos(2πt/T))                       (Kukleva et al., ICLR'23)
-    MM-TS  τ_i(t) = (α/2)·cos(2πt/T) + sh(c_i),
-           sh(c)  = sh_min + (n_c − n_min)/(n_max − n_min)·(sh_max − sh_min)       (sh_min if all n_c are equal)
+    TS      τ(t)   = τ_min + ½(τ_max − τ_min)(1 + cos(2πt/T))                       (Kukleva et al., ICLR'23)
+    MM-TS   τ_i(t) = (α/2)·cos(2πt/T) + sh(c_i),
+            sh(c)  = sh_min + (n_c − n_min)/(n_max − n_min)·(sh_max − sh_min)       (sh_min if n_max = n_min)
+    margin  m_i(t) = τ_i(t)                    the max-margin variant of MM-TS uses the same per-sample value
+    warm-up v(t)   = start + (end − start)·min(t / W, 1)
 
-where n_c is the training-set size of sample i's cluster: head clusters (large n_c) get a higher τ.
+where n_c is the training-set size of sample i's cluster: head clusters (large n_c) get a higher τ. ``n_min`` and
+``n_max`` are the smallest and largest cluster sizes *of the training set*; when a batch's sizes are passed, pass
+them too (``MMTSLoss`` does), otherwise the batch's own extremes are used.
+
+``step`` is a number or a 0-dim tensor (a tensor keeps ``torch.compile`` from specializing on its value); every
+function returns a float for a number and a tensor for a tensor.
 """
 from __future__ import annotations
 
 import math
+from numbers import Real
+from typing import Optional, Union
 
 import torch
 
+Step = Union[float, torch.Tensor]
 
-def cosine_temperature(step: float, tau_min: float, tau_max: float, period: float) -> float:
+
+def cosine_temperature(step: Step, tau_min: float, tau_max: float, period: float) -> Union[float, torch.Tensor]:
     """TS schedule: starts at τ_max, reaches τ_min at half a period, back to τ_max every ``period`` steps."""
-    if period <= 0:
-        raise ValueError(f"period must be > 0, got {period}")
+    _check_period(period)
     if not 0 < tau_min <= tau_max:
         raise ValueError(f"need 0 < tau_min <= tau_max, got tau_min={tau_min}, tau_max={tau_max}")
-    return tau_min + 0.5 * (tau_max - tau_min) * (1.0 + math.cos(2.0 * math.pi * step / period))
+    return tau_min + 0.5 * (tau_max - tau_min) * (1.0 + _cos(2.0 * math.pi * _check_step(step) / period))
 
 
-def cluster_shift(cluster_sizes: torch.Tensor, shift_min: float = 0.05, shift_max: float = 0.20) -> torch.Tensor:
-    """sh(c_i): per-sample shift, linear in the size of the sample's cluster, in [shift_min, shift_max]."""
+def cluster_shift(
+    cluster_sizes: torch.Tensor,
+    shift_min: float = 0.05,
+    shift_max: float = 0.20,
+    *,
+    n_min: Optional[float] = None,
+    n_max: Optional[float] = None,
+) -> torch.Tensor:
+    """sh(c_i): per-sample shift, linear in the size of the sample's cluster, in [shift_min, shift_max].
+
+    float64, shape [N]. ``n_min``/``n_max`` default to the extremes of ``cluster_sizes``.
+    """
     if not isinstance(cluster_sizes, torch.Tensor):
         cluster_sizes = torch.as_tensor(cluster_sizes)
     if cluster_sizes.dim() != 1:
         raise ValueError(f"cluster_sizes must have shape [N], got {tuple(cluster_sizes.shape)}")
+    if cluster_sizes.dtype == torch.bool or cluster_sizes.is_complex():
+        raise TypeError(f"cluster_sizes must be a real number tensor, got {cluster_sizes.dtype}")
     if shift_max < shift_min:
         raise ValueError(f"need shift_min <= shift_max, got {shift_min} > {shift_max}")
     sizes = cluster_sizes.to(torch.float64)
-    n_min, n_max = sizes.min(), sizes.max()
-    span = n_max - n_min
+    if n_min is None or n_max is None:
+        if sizes.numel() == 0:
+            raise ValueError("cluster_sizes is empty: pass n_min and n_max, or at least one size")
+        lo, hi = sizes.min(), sizes.max()
+        n_min = lo if n_min is None else n_min
+        n_max = hi if n_max is None else n_max
+    span = torch.as_tensor(n_max, dtype=torch.float64, device=sizes.device) - n_min
+    if not torch.compiler.is_compiling() and bool(span < 0):
+        raise ValueError(f"need n_min <= n_max, got n_min={float(n_min)}, n_max={float(n_max)}")
     frac = torch.where(span > 0, (sizes - n_min) / torch.where(span > 0, span, 1.0), 0.0)
     return shift_min + frac * (shift_max - shift_min)
 
 
 def mmts_temperature(
-    step: float,
+    step: Step,
     period: float,
     cluster_sizes: torch.Tensor,
     alpha: float = 0.08,
     shift_min: float = 0.05,
     shift_max: float = 0.20,
+    *,
+    n_min: Optional[float] = None,
+    n_max: Optional[float] = None,
 ) -> torch.Tensor:
     """MM-TS per-sample temperature τ_i(step), shape [N], float32 (float64 if cluster_sizes is float64).
 
-    ``period`` = total_steps / n_oscillations (the official default is 5 oscillations).
+    ``period`` = total_steps / n_oscillations (the official default is 5 oscillations). The official EK-100 run
+    uses alpha=0.2, shift in [0.17, 0.30]; the defaults are the official argparse ones. τ stays > 0 as long as
+    alpha/2 < shift_min.
     """
-    if period <= 0:
-        raise ValueError(f"period must be > 0, got {period}")
-    base = 0.5 * alpha * math.cos(2.0 * math.pi * step / period)
-    tau = base + cluster_shift(cluster_sizes, shift_min, shift_max)
+    _check_period(period)
+    if not isinstance(alpha, Real) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite float >= 0, got {alpha!r}")
+    shift = cluster_shift(cluster_sizes, shift_min, shift_max, n_min=n_min, n_max=n_max)
+    base = 0.5 * alpha * _cos(2.0 * math.pi * _check_step(step) / period)
+    if isinstance(base, torch.Tensor):
+        base = base.to(device=shift.device, dtype=torch.float64)
     out_dtype = torch.float64 if getattr(cluster_sizes, "dtype", None) == torch.float64 else torch.float32
-    return tau.to(out_dtype)
+    return (base + shift).to(out_dtype)
+
+
+def mmts_margin(
+    step: Step,
+    period: float,
+    cluster_sizes: torch.Tensor,
+    alpha: float = 0.08,
+    shift_min: float = 0.05,
+    shift_max: float = 0.20,
+    *,
+    n_min: Optional[float] = None,
+    n_max: Optional[float] = None,
+) -> torch.Tensor:
+    """MM-TS per-sample margin of the max-margin variant: the same value as ``mmts_temperature`` (official code)."""
+    return mmts_temperature(step, period, cluster_sizes, alpha, shift_min, shift_max, n_min=n_min, n_max=n_max)
+
+
+def linear_warmup(step: Step, warmup_steps: float, start, end):
+    """Linear ramp from ``start`` (step 0) to ``end`` (step ``warmup_steps`` and after).
+
+    ``start``/``end`` are floats or tensors (e.g. ``end`` = an MM-TS [N] temperature): the result is a float
+    only when all inputs are numbers. ``warmup_steps=0`` returns ``end``.
+    """
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, Real) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a number >= 0, got {warmup_steps!r}")
+    step = _check_step(step)
+    if warmup_steps == 0:
+        return end
+    if isinstance(step, torch.Tensor):
+        frac = torch.clamp(step.to(torch.float64) / warmup_steps, 0.0, 1.0)
+        if isinstance(end, torch.Tensor):
+            frac = frac.to(end.device)
+        elif isinstance(start, torch.Tensor):
+            frac = frac.to(start.device)
+    else:
+        frac = min(max(float(step) / warmup_steps, 0.0), 1.0)
+    out = start + (end - start) * frac
+    ref = end if isinstance(end, torch.Tensor) else start if isinstance(start, torch.Tensor) else None
+    if ref is not None and isinstance(out, torch.Tensor) and ref.is_floating_point():
+        out = out.to(ref.dtype)
+    return out
+
+
+def _check_period(period) -> None:
+    if isinstance(period, bool) or not isinstance(period, Real) or not math.isfinite(period) or period <= 0:
+        raise ValueError(f"period must be a finite number > 0, got {period!r}")
+
+
+def _check_step(step: Step) -> Step:
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0:
+            raise ValueError(f"step must be a number or a 0-dim tensor, got shape {tuple(step.shape)}")
+        return step if step.is_floating_point() else step.to(torch.float64)
+    if isinstance(step, bool) or not isinstance(step, Real):
+        raise TypeError(f"step must be a number or a 0-dim tensor, got {type(step).__name__}")
+    return step
+
+
+def _cos(v):
+    return torch.cos(v) if isinstance(v, torch.Tensor) else math.cos(v)

@@ -1,0 +1,135 @@
+"""Schedules (DESIGN §5): TS, MM-TS (temperature and margin), cluster shifts and the linear warm-up, at
+hand-computed points and against the §5 formulas written out, over random arguments."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mmts_kernels.schedules import (cluster_shift, cosine_temperature, linear_warmup, mmts_margin,
+                                    mmts_temperature)
+
+
+def test_cosine_temperature_at_period_boundaries():
+    assert cosine_temperature(0, 0.1, 1.0, 400) == pytest.approx(1.0, abs=1e-15)  # starts at τ_max
+    assert cosine_temperature(100, 0.1, 1.0, 400) == pytest.approx(0.55, abs=1e-15)  # quarter: the middle
+    assert cosine_temperature(200, 0.1, 1.0, 400) == pytest.approx(0.1, abs=1e-15)  # half: τ_min
+    assert cosine_temperature(400, 0.1, 1.0, 400) == pytest.approx(1.0, abs=1e-15)  # full period: τ_max again
+    assert cosine_temperature(600, 0.1, 1.0, 400) == pytest.approx(0.1, abs=1e-15)
+    assert isinstance(cosine_temperature(3, 0.1, 1.0, 400), float)
+
+
+def test_mmts_temperature_at_period_boundaries():
+    sizes = torch.tensor([1, 11, 21])  # n_min = 1, n_max = 21: fractions 0, ½, 1
+    shift = torch.tensor([0.05, 0.125, 0.20], dtype=torch.float64)
+    for step, base in ((0, 0.04), (250, 0.0), (500, -0.04), (1000, 0.04), (2500, -0.04)):
+        tau = mmts_temperature(step, 1000, sizes.double(), alpha=0.08, shift_min=0.05, shift_max=0.20)
+        torch.testing.assert_close(tau, base + shift, rtol=0, atol=1e-15)
+    out = mmts_temperature(0, 1000, sizes)
+    assert out.dtype == torch.float32 and out.shape == (3,)
+
+
+def test_equal_cluster_sizes_give_shift_min_without_division_by_zero():
+    for sizes in (torch.full((5,), 7), torch.tensor([3])):
+        sh = cluster_shift(sizes, 0.17, 0.30)
+        assert torch.isfinite(sh).all()
+        torch.testing.assert_close(sh, torch.full_like(sh, 0.17), rtol=0, atol=0)
+        tau = mmts_temperature(0, 100, sizes, alpha=0.2, shift_min=0.17, shift_max=0.30)
+        torch.testing.assert_close(tau, torch.full(sizes.shape, 0.27), rtol=0, atol=1e-7)
+    # explicit training-set extremes that coincide: still shift_min
+    torch.testing.assert_close(cluster_shift(torch.tensor([4, 4]), 0.1, 0.2, n_min=4, n_max=4),
+                               torch.full((2,), 0.1, dtype=torch.float64))
+
+
+def test_cluster_shift_uses_given_training_set_extremes():
+    """A batch's shifts must use the training set's n_min/n_max, not the batch's own extremes."""
+    batch = torch.tensor([5, 10])
+    torch.testing.assert_close(cluster_shift(batch, 0.0, 1.0, n_min=0, n_max=20),
+                               torch.tensor([0.25, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(cluster_shift(batch, 0.0, 1.0), torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+def test_head_clusters_get_higher_temperature():
+    sizes = torch.tensor([1, 5, 50, 500])
+    tau = mmts_temperature(123, 1000, sizes)
+    assert (tau.diff() > 0).all()
+
+
+def test_margin_is_the_same_per_sample_value():
+    sizes = torch.tensor([2, 9, 40], dtype=torch.float64)
+    for step in (0, 77, 5000):
+        torch.testing.assert_close(mmts_margin(step, 300, sizes, 0.2, 0.17, 0.3),
+                                   mmts_temperature(step, 300, sizes, 0.2, 0.17, 0.3), rtol=0, atol=0)
+
+
+def test_tensor_step_equals_number_step():
+    sizes = torch.tensor([1, 4, 9], dtype=torch.float64)
+    for step in (0, 13, 999):
+        torch.testing.assert_close(mmts_temperature(torch.tensor(step), 400, sizes), mmts_temperature(step, 400, sizes),
+                                   rtol=0, atol=1e-15)
+        assert float(cosine_temperature(torch.tensor(step), 0.1, 1.0, 400)) == pytest.approx(
+            cosine_temperature(step, 0.1, 1.0, 400), abs=1e-15)
+
+
+def test_linear_warmup():
+    assert linear_warmup(0, 100, 0.5, 0.1) == pytest.approx(0.5)
+    assert linear_warmup(50, 100, 0.5, 0.1) == pytest.approx(0.3)
+    assert linear_warmup(100, 100, 0.5, 0.1) == pytest.approx(0.1)
+    assert linear_warmup(1000, 100, 0.5, 0.1) == pytest.approx(0.1)
+    assert linear_warmup(7, 0, 0.5, 0.1) == 0.1
+    end = mmts_temperature(50, 1000, torch.tensor([1, 2, 3], dtype=torch.float64))
+    ramp = linear_warmup(25, 100, 0.07, end)
+    torch.testing.assert_close(ramp, 0.07 + 0.25 * (end - 0.07))
+    assert ramp.dtype == torch.float64
+    torch.testing.assert_close(linear_warmup(torch.tensor(25), 100, 0.07, end), ramp)
+
+
+@given(
+    step=st.floats(0, 1e6),
+    period=st.floats(1.0, 1e5),
+    sizes=st.lists(st.integers(1, 100_000), min_size=1, max_size=20),
+    alpha=st.floats(0.0, 0.5),
+    shift_min=st.floats(0.0, 0.5),
+    shift_width=st.floats(0.0, 0.5),
+    tau_min=st.floats(1e-3, 1.0),
+    tau_width=st.floats(0.0, 2.0),
+)
+def test_schedules_equal_the_design_formulas(step, period, sizes, alpha, shift_min, shift_width, tau_min, tau_width):
+    tau_max, shift_max = tau_min + tau_width, shift_min + shift_width
+    ts = tau_min + 0.5 * (tau_max - tau_min) * (1 + math.cos(2 * math.pi * step / period))
+    assert abs(cosine_temperature(step, tau_min, tau_max, period) - ts) <= 1e-9
+
+    n_min, n_max = min(sizes), max(sizes)
+    expected = []
+    for n in sizes:
+        sh = shift_min if n_max == n_min else shift_min + (n - n_min) / (n_max - n_min) * (shift_max - shift_min)
+        expected.append(alpha / 2 * math.cos(2 * math.pi * step / period) + sh)
+    got = mmts_temperature(step, period, torch.tensor(sizes, dtype=torch.float64), alpha, shift_min, shift_max)
+    assert got.dtype == torch.float64
+    assert max(abs(a - b) for a, b in zip(got.tolist(), expected)) <= 1e-9
+    got_margin = mmts_margin(step, period, torch.tensor(sizes, dtype=torch.float64), alpha, shift_min, shift_max)
+    assert torch.equal(got_margin, got)
+
+
+@pytest.mark.parametrize("call,exc,word", [
+    (lambda: cosine_temperature(0, 0.1, 1.0, 0), ValueError, "period"),
+    (lambda: cosine_temperature(0, 0.5, 0.1, 10), ValueError, "tau_min"),
+    (lambda: cosine_temperature(0, 0.0, 0.1, 10), ValueError, "tau_min"),
+    (lambda: cosine_temperature("0", 0.1, 1.0, 10), TypeError, "step"),
+    (lambda: mmts_temperature(0, -1, torch.tensor([1, 2])), ValueError, "period"),
+    (lambda: mmts_temperature(0, float("nan"), torch.tensor([1, 2])), ValueError, "period"),
+    (lambda: mmts_temperature(0, 10, torch.ones(2, 2)), ValueError, "cluster_sizes"),
+    (lambda: mmts_temperature(0, 10, torch.tensor([True, False])), TypeError, "cluster_sizes"),
+    (lambda: mmts_temperature(0, 10, torch.tensor([1, 2]), alpha=-0.1), ValueError, "alpha"),
+    (lambda: mmts_temperature(0, 10, torch.tensor([1, 2]), shift_min=0.3, shift_max=0.1), ValueError, "shift_min"),
+    (lambda: mmts_temperature(torch.zeros(2), 10, torch.tensor([1, 2])), ValueError, "step"),
+    (lambda: cluster_shift(torch.tensor([1, 2]), n_min=5, n_max=1), ValueError, "n_min"),
+    (lambda: cluster_shift(torch.tensor([], dtype=torch.long)), ValueError, "cluster_sizes"),
+    (lambda: linear_warmup(0, -1, 0.1, 0.2), ValueError, "warmup_steps"),
+])
+def test_bad_arguments_raise_naming_them(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
