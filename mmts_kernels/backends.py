@@ -5,7 +5,8 @@ Each backend is a module exposing
     unavailable_reason(device: torch.device | None) -> str | None   # None: usable (on that device)
     compute_stats(x, y, tau, margin, targets, request) -> Stats       # the contract of mmts_kernels.stats
 
-Modules are imported lazily: importing mmts_kernels never imports triton, builds C++ or queries a GPU.
+The backend packages are light to import: importing mmts_kernels never imports triton, builds C++ or queries a GPU;
+those happen in ``unavailable_reason`` / ``compute_stats`` on first use.
 """
 from __future__ import annotations
 
@@ -22,18 +23,23 @@ _MODULES = {
 }
 
 
-def _module(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
-    try:
-        return importlib.import_module(_MODULES[name]), None
-    except ModuleNotFoundError as exc:
-        if exc.name == _MODULES[name]:
-            return None, f"the {name} backend is not part of this version of mmts_kernels yet"
-        return None, f"the {name} backend cannot be imported: {exc}"
+def _import_all() -> tuple[Dict[str, ModuleType], Dict[str, str]]:
+    loaded, missing = {}, {}
+    for name, path in _MODULES.items():
+        try:
+            loaded[name] = importlib.import_module(path)
+        except ImportError as exc:  # a trimmed install: say so instead of failing to import the package
+            missing[name] = f"the {name} backend cannot be imported: {exc}"
+    return loaded, missing
+
+
+_LOADED, _MISSING = _import_all()
 
 
 def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
-    module, reason = _module(name)
-    return reason if module is None else module.unavailable_reason(device)
+    if name in _MISSING:
+        return _MISSING[name]
+    return _LOADED[name].unavailable_reason(device)
 
 
 def available_backends() -> Dict[str, Optional[str]]:
@@ -43,11 +49,19 @@ def available_backends() -> Dict[str, Optional[str]]:
 
 def resolve(name: str, device: torch.device) -> ModuleType:
     """The backend module for ``name`` ("auto" picks one) on ``device``; ValueError saying why if it cannot run."""
+    return _LOADED[_choose(name, torch.device(device).type)]
+
+
+# Under torch.compile the choice is a constant of the trace: it depends only on the backend name and the device
+# type, and it reads the environment, imports triton or loads the C++ library, which dynamo would otherwise try to
+# trace. It returns the backend's name, a constant dynamo can guard on.
+@torch.compiler.assume_constant_result
+def _choose(name: str, device_type: str) -> str:
+    device = torch.device(device_type)
     if name == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpp"
+        preferred = "triton" if device_type == "cuda" else "cpp"
         name = preferred if unavailable_reason(preferred, device) is None else "torch"
     reason = unavailable_reason(name, device)
     if reason is not None:
-        raise ValueError(f"backend={name!r} is not available for {device.type} tensors here: {reason}")
-    module, _ = _module(name)
-    return module
+        raise ValueError(f"backend={name!r} is not available for {device_type} tensors here: {reason}")
+    return name
