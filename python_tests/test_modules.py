@@ -142,11 +142,10 @@ def test_bad_forward(kwargs, exc, word):
 
 
 # -- torch.compile ------------------------------------------------------------------------------------------------
-# backends.resolve imports the backend module with importlib, which dynamo does not trace: one graph break in the
-# API path, so the end-to-end tests use fullgraph=False. The modules themselves trace as one graph: the last test
-# pins the backend so that resolve is out of the way and asks for fullgraph=True.
+# The whole path (module → validation → backend choice → statistics → loss) traces as one graph: fullgraph=True.
+# The fused backends' own compile tests live with them (test_cpp.py, test_triton.py).
 
-def _compile_and_compare(module, call, *, fullgraph=False, backend="eager"):
+def _compile_and_compare(module, call, *, fullgraph=True, backend="eager"):
     compiled = torch.compile(module, fullgraph=fullgraph, backend=backend)
     for args, kw in call:
         torch.testing.assert_close(compiled(*args, **kw), module(*args, **kw), rtol=1e-5, atol=1e-6)
@@ -159,7 +158,7 @@ def test_modules_under_torch_compile_aot_autograd():
     x, y = batch(dtype=torch.float32)
     idx = torch.tensor([4, 0, 9, 7, 2])
     crit = MMTSLoss(SIZES, total_steps=100, backend="torch")
-    compiled = torch.compile(crit, backend="aot_eager")
+    compiled = torch.compile(crit, backend="aot_eager", fullgraph=True)
     for step in (torch.tensor(3), torch.tensor(40)):
         out = compiled(x, y, step=step, index=idx)
         torch.testing.assert_close(out, crit(x, y, step=int(step), index=idx), rtol=1e-5, atol=1e-6)
@@ -182,14 +181,3 @@ def test_modules_under_torch_compile_eager_backend(name):
     else:
         crit, calls = AMCLLoss(4, symmetric=True, backend="torch"), [((x.unsqueeze(0), y.unsqueeze(0)), {})]
     _compile_and_compare(crit, calls)
-
-
-def test_modules_trace_as_one_graph_when_the_backend_is_resolved(monkeypatch):
-    from mmts_kernels import backends, reference
-    monkeypatch.setattr(backends, "resolve", lambda name, device: reference)
-    torch._dynamo.reset()
-    x, y = batch(dtype=torch.float32)
-    _compile_and_compare(MMTSLoss(SIZES, total_steps=100),
-                         [((x, y), dict(step=torch.tensor(5), index=torch.arange(5)))], fullgraph=True)
-    _compile_and_compare(ContrastiveLoss(learnable_temperature=True), [((x, y), {})], fullgraph=True)
-    _compile_and_compare(AMCLLoss(4), [((x.unsqueeze(0), y.unsqueeze(0)), {})], fullgraph=True)
