@@ -1,0 +1,256 @@
+// Elementwise work on one tile of S = x yᵀ: the fused part of the CPU backend (mmts_cpu.cpp does the GEMMs,
+// the threading and the merges). Included twice by mmts_cpu.cpp: once with the compiler's baseline target and
+// once under `#pragma GCC target("avx2,fma")`, each time inside its own namespace MMTS_KNS, and picked at run
+// time from what the CPU supports. The loops are plain C++ with `#pragma omp simd` (-fopenmp-simd semantics:
+// vectorized reductions without -ffast-math), so any C++17 compiler builds them.
+//
+// A tile is S[i * ld + j] for local rows i < br (global row r0 + i) and local columns j < bc (global c0 + j).
+// Row arrays are indexed by the global row, column arrays by the global column.
+//
+// Forward, per tile (online log-sum-exp with a running max, rows and, when COLS, columns in the same sweep):
+//   z_ij = S_ij / τ_ij           τ_ij = τ_i (rows) / τ_j (columns), or dystress(S_ij) for both
+//   pass A: m_i ← max(m_i, max_j z_ij), sums rescaled by exp(m_old − m_new)      (columns alike)
+//   pass B: l_i += Σ_j exp(z_ij − m_i),  w_i += Σ_j exp(z_ij − m_i) S_ij          (columns alike)
+//   hinge:  h_i += Σ_{j≠t_i} relu(m_i + S_ij − pos_i), cnt_i += #active            (columns: m_j, pos_j, i≠j)
+//   hard:   running max over j≠t_i with the lowest column on ties                   (columns: lowest row)
+// Backward, per tile, into a separate buffer dS (ACC: add to what is there):
+//   dS_ij = g_i/τ_ij · exp(z_ij − lse_i) + g^c_j/τ_ij · exp(z^c_ij − lse^c_j)
+//         + g^h_i · 1[m_i + S_ij − pos_i > 0, j≠t_i] + g^hc_j · 1[m_j + S_ij − pos_j > 0, i≠j]
+// (without DySTreSS the caller folds 1/τ_i into g_i and 1/τ_j into g^c_j). z is S_ij / τ, a true division like the
+// reference's (a reciprocal multiply adds an ulp of z, 1e-5 relative in p_ij once |z| ~ 100).
+
+namespace mmts_cpu {
+namespace MMTS_KNS {
+
+// Built with -ffp-contract=off: z = S/τ must round the same way in every pass (forward max, forward sum,
+// backward), or exp(z − lse) drifts by an ulp of z (1e-4 relative at τ = 1e-3). MMTS_FMA (a·b + c, fused where
+// the target has FMA) is used only inside the exp polynomial.
+// exp for the hot loops: float uses a branch-free Cody–Waite reduction and a degree-6 polynomial (≈2 ulp),
+// which the compiler vectorizes; double (the precision path) uses std::exp.
+inline float fexp(float x) {
+  x = x < -87.0f ? -87.0f : x;  // NaN passes both comparisons unchanged and propagates
+  x = x > 88.0f ? 88.0f : x;
+  const float shifter = 12582912.0f;  // 1.5·2²³: adding it rounds to the nearest integer
+  float k = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = MMTS_FMA(k, -0.693359375f, x);
+  r = MMTS_FMA(k, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = MMTS_FMA(p, r, 1.3981999507e-3f);
+  p = MMTS_FMA(p, r, 8.3334519073e-3f);
+  p = MMTS_FMA(p, r, 4.1665795894e-2f);
+  p = MMTS_FMA(p, r, 1.6666665459e-1f);
+  p = MMTS_FMA(p, r, 5.0000001201e-1f);
+  p = MMTS_FMA(p * r, r, r) + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double fexp(double x) { return std::exp(x); }
+
+template <typename T>
+inline T dystress_tau(T s, T tau_min, T half_range) {
+  return tau_min + half_range * (T(1) + std::cos(T(3.14159265358979323846) * (T(1) + s)));
+}
+
+template <typename T>
+inline T vmax(T a, T b) { return b > a ? b : a; }
+
+// Rescale a running (max, sum, weighted sum) to a new max; exp(−inf − (−inf)) must not give NaN.
+template <typename T>
+inline void rescale(T& m, T& l, T* w, T m_new) {
+  if (m_new != m) {
+    T f = std::exp(m - m_new);
+    l *= f;
+    if (w) *w *= f;
+    m = m_new;
+  }
+}
+
+template <typename T, bool COLS, bool DYS, bool WS>
+void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0,
+             T* rmax, T* rsum, T* rws, const T* tau,                 // rows (τ; unused with DYS)
+             T* cmax, T* csum, T* cws,                               // columns (this chunk's accumulators)
+             T* tile_cmax, T* Z, T tau_min, T half_range) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (COLS)
+    for (int64_t j = 0; j < bc; ++j) tile_cmax[j] = ninf;
+  const T* tc = tau + c0;
+  for (int64_t i = 0; i < br; ++i) {  // pass A: maxima
+    const T* s = S + i * ld;
+    T zm = ninf;
+    if (DYS) {
+      T* z = Z + i * bc;
+      for (int64_t j = 0; j < bc; ++j) z[j] = s[j] / dystress_tau(s[j], tau_min, half_range);
+#pragma omp simd reduction(max : zm)
+      for (int64_t j = 0; j < bc; ++j) {
+        zm = vmax(zm, z[j]);
+        if (COLS) tile_cmax[j] = vmax(tile_cmax[j], z[j]);
+      }
+    } else {
+      const T t = tau[r0 + i];
+#pragma omp simd reduction(max : zm)
+      for (int64_t j = 0; j < bc; ++j) {
+        zm = vmax(zm, s[j] / t);
+        if (COLS) tile_cmax[j] = vmax(tile_cmax[j], s[j] / tc[j]);
+      }
+    }
+    rescale(rmax[r0 + i], rsum[r0 + i], WS ? &rws[r0 + i] : nullptr, vmax(rmax[r0 + i], zm));
+  }
+  if (COLS)
+    for (int64_t j = 0; j < bc; ++j)
+      rescale(cmax[c0 + j], csum[c0 + j], WS ? &cws[c0 + j] : nullptr, vmax(cmax[c0 + j], tile_cmax[j]));
+  T* cm = cmax + c0;
+  T* cs = csum + c0;
+  T* cw = WS ? cws + c0 : nullptr;
+  for (int64_t i = 0; i < br; ++i) {  // pass B: sums
+    const T* s = S + i * ld;
+    const T m = rmax[r0 + i];
+    T l = 0, w = 0;
+    if (DYS) {
+      const T* z = Z + i * bc;
+#pragma omp simd reduction(+ : l, w)
+      for (int64_t j = 0; j < bc; ++j) {
+        T e = fexp(z[j] - m);
+        l += e;
+        if (WS) w += e * s[j];
+        if (COLS) {
+          T ec = fexp(z[j] - cm[j]);
+          cs[j] += ec;
+          if (WS) cw[j] += ec * s[j];
+        }
+      }
+    } else {
+      const T t = tau[r0 + i];
+#pragma omp simd reduction(+ : l, w)
+      for (int64_t j = 0; j < bc; ++j) {
+        T e = fexp(s[j] / t - m);
+        l += e;
+        if (WS) w += e * s[j];
+        if (COLS) {
+          T ec = fexp(s[j] / tc[j] - cm[j]);
+          cs[j] += ec;
+          if (WS) cw[j] += ec * s[j];
+        }
+      }
+    }
+    rsum[r0 + i] += l;
+    if (WS) rws[r0 + i] += w;
+  }
+}
+
+template <typename T, bool COLS>
+void fwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
+               const T* marg, const T* pos, T* rhinge, int64_t* rcnt, T* chinge, int32_t* ccnt) {
+  const T* cmarg = marg + c0;
+  const T* cpos = pos + c0;
+  T* ch = chinge + c0;
+  int32_t* cc = ccnt + c0;
+  for (int64_t i = 0; i < br; ++i) {
+    const T* s = S + i * ld;
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const T base = marg[r] - pos[r];
+    T h = 0;
+    int32_t n = 0;
+#pragma omp simd reduction(+ : h, n)
+    for (int64_t j = 0; j < bc; ++j) {
+      T v = base + s[j];
+      bool a = (v > T(0)) & (j != tl);
+      h += (!(v <= T(0)) & (j != tl)) ? v : T(0);  // NaN propagates into the sum (relu(NaN) = NaN)
+      n += a ? 1 : 0;
+      if (COLS) {
+        T vc = cmarg[j] + s[j] - cpos[j];
+        bool ac = (vc > T(0)) & (j != diag);
+        ch[j] += (!(vc <= T(0)) & (j != diag)) ? vc : T(0);
+        cc[j] += ac ? 1 : 0;
+      }
+    }
+    rhinge[r] += h;
+    rcnt[r] += n;
+  }
+}
+
+template <typename T, bool COLS>
+void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
+              T* rhard, int64_t* rarg, T* chard, int64_t* carg) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T* chd = chard + c0;
+  int64_t* cag = carg + c0;
+  for (int64_t i = 0; i < br; ++i) {
+    const T* s = S + i * ld;
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    T best = ninf;
+#pragma omp simd reduction(max : best)
+    for (int64_t j = 0; j < bc; ++j) best = vmax(best, j != tl ? s[j] : ninf);
+    if (best > rhard[r]) {  // strict: an earlier tile (lower column) keeps a tie
+      for (int64_t j = 0; j < bc; ++j)
+        if (j != tl && s[j] == best) {
+          rhard[r] = best;
+          rarg[r] = c0 + j;
+          break;
+        }
+    }
+    if (COLS) {
+      for (int64_t j = 0; j < bc; ++j) {
+        T v = j != diag ? s[j] : ninf;
+        bool up = v > chd[j];  // strict: an earlier row keeps a tie
+        chd[j] = up ? v : chd[j];
+        cag[j] = up ? r : cag[j];
+      }
+    }
+  }
+}
+
+template <typename T, bool COLS, bool DYS, bool ACC>
+void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS,
+             const T* grow, const T* lse, const T* tau, const T* gcol, const T* lse_c, T tau_min, T half_range) {
+  const T* gc = gcol + c0;
+  const T* lc = lse_c + c0;
+  const T* tc = tau + c0;
+  for (int64_t i = 0; i < br; ++i) {
+    const T* s = S + i * ld;
+    T* d = dS + i * bc;
+    const T g = grow[r0 + i], L = lse[r0 + i];
+    if (DYS) {
+#pragma omp simd
+      for (int64_t j = 0; j < bc; ++j) {
+        T t = dystress_tau(s[j], tau_min, half_range);
+        T z = s[j] / t;  // rounded exactly as in the forward
+        T v = g / t * fexp(z - L);
+        if (COLS) v += gc[j] / t * fexp(z - lc[j]);
+        d[j] = ACC ? d[j] + v : v;
+      }
+    } else {
+      const T t = tau[r0 + i];
+#pragma omp simd
+      for (int64_t j = 0; j < bc; ++j) {
+        T v = g * fexp(s[j] / t - L);
+        if (COLS) v += gc[j] * fexp(s[j] / tc[j] - lc[j]);
+        d[j] = ACC ? d[j] + v : v;
+      }
+    }
+  }
+}
+
+template <typename T, bool COLS, bool ACC>
+void bwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, const int64_t* tgt,
+               const T* marg, const T* pos, const T* ghinge, const T* ghinge_c) {
+  const T* cmarg = marg + c0;
+  const T* cpos = pos + c0;
+  const T* gc = ghinge_c + c0;
+  for (int64_t i = 0; i < br; ++i) {
+    const T* s = S + i * ld;
+    T* d = dS + i * bc;
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const T base = marg[r] - pos[r], g = ghinge[r];
+#pragma omp simd
+    for (int64_t j = 0; j < bc; ++j) {
+      T v = ((base + s[j] > T(0)) & (j != tl)) ? g : T(0);
+      if (COLS) v += ((cmarg[j] + s[j] - cpos[j] > T(0)) & (j != diag)) ? gc[j] : T(0);
+      d[j] = ACC ? d[j] + v : v;
+    }
+  }
+}
+
+}  // namespace MMTS_KNS
+}  // namespace mmts_cpu
