@@ -3,7 +3,13 @@ Pick one with HYPOTHESIS_PROFILE=..."""
 import os
 import sys
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton kernels run under Triton's interpreter. It must be chosen before triton is first imported
+# (import mmts_kernels imports torch._dynamo, which imports triton.language); on a CUDA machine nothing changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import support` from every test file
 

@@ -1,0 +1,51 @@
+"""Triton building blocks shared by the forward and the backward kernels.
+
+    S tile:    S[rows, cols] = x[h, rows, :] · y[h, cols, :]ᵀ, accumulated over D in BLOCK_D chunks with tl.dot
+               (fp32 accumulation; fp64 for fp64 inputs). Out-of-range rows / columns / features load as 0.
+    DySTreSS:  τ(s) = τ_min + ½(τ_max − τ_min)(1 + cos(π(1 + s)))  on the (detached) similarity s.
+
+Every index is int64 before it meets a stride, so offsets past 2³¹ elements are exact.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PI = tl.constexpr(3.141592653589793)  # globals used inside @triton.jit must be constexpr
+
+
+@triton.jit
+def s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
+           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+           ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """S[rows, cols] for one head, [BLOCK_N, BLOCK_M] in ACC. y is loaded already transposed ([BLOCK_D, BLOCK_M])
+    so the product is a plain tl.dot; PRECISION is "ieee" for fp32/fp64 inputs (no TF32: the fp32 bar is 1e-5).
+    UPCAST (interpreter only): the interpreter's tl.dot mishandles bf16, so operands go to fp32 first; products
+    of bf16 values are exact in fp32, so this is the tensor-core result up to the order of the sums."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
+    row_ok = rows < N
+    col_ok = cols < M
+    x_base = X + h * sxh + rows[:, None] * sxn
+    y_base = Y + h * syh + cols[None, :] * sym
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        d_ok = d < D
+        xt = tl.load(x_base + d[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        yt = tl.load(y_base + d[:, None] * syd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            yt = yt.to(tl.float32)
+        acc = tl.dot(xt, yt, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def dystress_tau(s, tau_min, tau_half_range):
+    """Per-pair temperature of DySTreSS; ``tau_half_range`` = ½(τ_max − τ_min). Runtime floats, not constexpr."""
+    return tau_min + tau_half_range * (1.0 + tl.cos(PI * (1.0 + s)))
+
+
+@triton.jit
+def relu_keep_nan(v):
+    """relu(v) that lets NaN through (torch.relu does; a bare where(v > 0, v, 0) would turn NaN into 0)."""
+    return tl.where((v > 0) | (v != v), v, 0.0)

@@ -1,0 +1,146 @@
+"""The fused statistics as torch.library ops, so autograd, torch.compile and opcheck see real operators.
+
+    mmts_kernels::triton_stats(x, y, tau?, margin?, targets, <request flags>) -> 13 tensors, the ``Stats`` fields
+    mmts_kernels::triton_stats_backward(x, y, tau?, margin?, targets, saved, grads, flags, needs) -> dx, dy, dτ, dm
+
+Both are opaque to the compiler (custom ops with fake implementations); ``register_autograd`` connects them.
+Fields a request leaves out come back as empty tensors (an op has a fixed number of outputs); ``compute_stats``
+turns them into None. The request travels as plain bool/float arguments: τ and margins stay runtime tensors, the
+DySTreSS bounds runtime floats, so nothing recompiles per value. ``ws`` and ``ws_c`` only feed the backward
+(∂lse/∂τ) and are marked non-differentiable; ``cnt`` and ``arg`` are integers.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..stats import Stats
+from ._compat import fix_interpreter_index, interpret_triton_stdlib
+
+fix_interpreter_index()  # before any kernel runs; a no-op unless TRITON_INTERPRET=1 and NumPy ≥ 2.4
+interpret_triton_stdlib()  # a no-op unless TRITON_INTERPRET=1 was set after triton was imported
+
+from . import backward as _backward_mod  # noqa: E402
+from . import forward as _forward_mod  # noqa: E402
+
+FIELDS = Stats._fields  # pos, lse, hinge, cnt, hard, arg, ws, lse_c, hinge_c, cnt_c, hard_c, arg_c, ws_c
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes: BLOCK_N rows × BLOCK_M columns per S tile, BLOCK_D features per tl.dot step, BLOCK_DO output
+    features per backward program. Powers of two ≥ 16 (tl.dot's minimum)."""
+
+    block_n: int = 64
+    block_m: int = 64
+    block_d: int = 32
+    block_do: int = 64
+    num_warps: int = 4
+
+
+GPU_CONFIG = Config()
+# The interpreter runs every program one after the other in numpy: small tiles keep the tests' multi-tile paths
+# (online merges, column locks, several D chunks) busy at small N.
+INTERPRETER_CONFIG = Config(block_n=16, block_m=16, block_d=16, block_do=32, num_warps=1)
+_override: Optional[Config] = None
+
+
+@contextlib.contextmanager
+def tile_config(cfg: Config):
+    """Use ``cfg`` for every launch inside the block (tests: force several tiles and D chunks)."""
+    global _override
+    previous, _override = _override, cfg
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def _config(x: Tensor) -> Config:
+    if _override is not None:
+        return _override
+    return GPU_CONFIG if x.device.type == "cuda" else INTERPRETER_CONFIG
+
+
+def _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max):
+    return dict(lse=lse, hinge=hinge, hard=hard, ws=ws, cols=cols, dystress=dystress, tau_min=tau_min,
+                tau_max=tau_max)
+
+
+_StatsTuple = Tuple[(Tensor,) * len(FIELDS)]
+
+
+@torch.library.custom_op("mmts_kernels::triton_stats", mutates_args=())
+def triton_stats(x: Tensor, y: Tensor, tau: Optional[Tensor], margin: Optional[Tensor], targets: Tensor,
+                 lse: bool, hinge: bool, hard: bool, ws: bool, cols: bool, dystress: bool,
+                 tau_min: float, tau_max: float, deterministic: bool) -> _StatsTuple:
+    return _forward_mod.launch_forward(
+        x, y, tau, margin, targets, **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
+        deterministic=deterministic, cfg=_config(x))
+
+
+@triton_stats.register_fake
+def _(x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, deterministic):
+    H, N, M = x.shape[0], x.shape[1], y.shape[1]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def out(on, n=N, dtype=cdt):
+        return x.new_empty((H, n) if on else (0,), dtype=dtype)
+
+    i64 = torch.int64
+    return (out(True), out(lse), out(hinge), out(hinge, dtype=i64), out(hard), out(hard, dtype=i64),
+            out(lse and ws), out(cols and lse, M), out(cols and hinge, M), out(cols and hinge, M, i64),
+            out(cols and hard, M), out(cols and hard, M, i64), out(cols and lse and ws, M))
+
+
+@torch.library.custom_op("mmts_kernels::triton_stats_backward", mutates_args=())
+def triton_stats_backward(x: Tensor, y: Tensor, tau: Optional[Tensor], margin: Optional[Tensor], targets: Tensor,
+                          saved: List[Tensor], grads: List[Optional[Tensor]],
+                          lse: bool, hinge: bool, hard: bool, ws: bool, cols: bool, dystress: bool,
+                          tau_min: float, tau_max: float,
+                          need_x: bool, need_y: bool, need_tau: bool, need_margin: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dy, dtau, dmargin = _backward_mod.launch_backward(
+        x, y, tau, margin, targets, dict(zip(FIELDS, saved)), dict(zip(FIELDS, grads)),
+        **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
+        need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin, cfg=_config(x))
+    empty = lambda: x.new_empty(0)  # noqa: E731  (an op's outputs must not alias: a fresh one each)
+    return (dx if dx is not None else empty(), dy if dy is not None else empty(),
+            dtau if dtau is not None else empty(), dmargin if dmargin is not None else empty())
+
+
+@triton_stats_backward.register_fake
+def _(x, y, tau, margin, targets, saved, grads, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max,
+      need_x, need_y, need_tau, need_margin):
+    def like(t, on):
+        return t.new_empty(t.shape) if on and t is not None else x.new_empty(0)
+
+    return like(x, need_x), like(y, need_y), like(tau, need_tau), like(margin, need_margin)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, _ = inputs
+    ctx.flags = _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max)
+    ctx.has_tau, ctx.has_margin = tau is not None, margin is not None
+    ctx.save_for_backward(x, y, tau, margin, targets, *output)
+    ctx.mark_non_differentiable(output[FIELDS.index("ws")], output[FIELDS.index("ws_c")])
+
+
+def _stats_backward(ctx, *grads):
+    x, y, tau, margin, targets, *saved = ctx.saved_tensors
+    need_x, need_y, need_tau, need_margin = ctx.needs_input_grad[:4]
+    need_tau, need_margin = need_tau and ctx.has_tau, need_margin and ctx.has_margin
+    dx = dy = dtau = dmargin = None
+    if need_x or need_y or need_tau or need_margin:
+        dx, dy, dtau, dmargin = torch.ops.mmts_kernels.triton_stats_backward(
+            x, y, tau, margin, targets, saved, list(grads), **ctx.flags,
+            need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin)
+    return ((dx if need_x else None), (dy if need_y else None), (dtau if need_tau else None),
+            (dmargin if need_margin else None)) + (None,) * 10
+
+
+triton_stats.register_autograd(_stats_backward, setup_context=_setup_context)

@@ -1,0 +1,395 @@
+"""The ``triton`` backend against the float64 torch reference: values and every gradient (DESIGN §3, §6).
+
+Without a CUDA GPU the kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1, set by conftest.py before
+triton is imported) at small sizes with 16-wide tiles, so every multi-tile path runs: online log-sum-exp merges,
+column locks and the turnstile, several D chunks. With a GPU the same tests run compiled, at larger sizes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# TRITON_INTERPRET=1 is set by conftest.py when no GPU is visible (before anything imports triton).
+import pytest
+from hypothesis import given, settings
+
+import mmts_kernels as mk
+from mmts_kernels import reference
+from mmts_kernels.stats import StatsRequest
+from support import (
+    AllocationRecorder, Case, backend_marker, cases, check_backend_against_reference, loss_and_grads, make_inputs,
+    rel_err, requires_cuda, with_dtype,
+)
+from support import test_device as _device_for  # aliased: pytest would collect a test_* name
+
+pytestmark = backend_marker("triton")
+
+DEVICE = _device_for("triton")
+ON_GPU = DEVICE.type == "cuda"
+# Sizes: the interpreter executes every program in numpy, one after the other.
+MAX_N, MAX_D = (300, 200) if ON_GPU else (40, 40)
+N_SMALL = 130 if ON_GPU else 18  # > one 16-wide tile on the CPU, > two 64-wide tiles on the GPU
+
+
+def _examples(cpu: int) -> settings:
+    return settings(max_examples=cpu if not ON_GPU else max(cpu, 25))
+
+
+def _tiles(**kw):
+    from mmts_kernels.triton_backend import op
+
+    base = op.GPU_CONFIG if ON_GPU else op.INTERPRETER_CONFIG
+    return op.tile_config(op.Config(**{**base.__dict__, **kw}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property-based: the reference's case strategy, every loss / temperature / margin mode / reduction / head count.
+
+@_examples(20)
+@given(cases(max_n=MAX_N, max_d=MAX_D))
+def test_matches_reference_fp32(case):
+    check_backend_against_reference(case, "triton")
+
+
+@_examples(12)
+@given(cases(max_n=MAX_N, max_d=MAX_D, dtypes=(torch.bfloat16, torch.float16)))
+def test_matches_reference_low_precision(case):
+    """bf16/fp16: no worse than the torch reference computed in the same low precision (plus a small slack)."""
+    check_backend_against_reference(case, "triton")
+
+
+@_examples(5)
+@given(cases(max_n=24, max_d=24, dtypes=(torch.float64,)))
+def test_matches_reference_fp64(case):
+    """fp64 inputs accumulate in fp64 throughout."""
+    check_backend_against_reference(case, "triton", fp32_tol=1e-9)
+
+
+@_examples(4)
+@given(cases(max_n=MAX_N, max_d=MAX_D))
+def test_matches_reference_deterministic(case):
+    check_backend_against_reference(case, "triton", deterministic=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Explicit grid: every loss × direction × reduction × temperature (or margin) mode.
+
+LOSSES = [("infonce", False), ("max_margin", False), ("max_margin", True)]
+
+
+@pytest.mark.parametrize("loss,hardest", LOSSES)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_loss_reduction_and_mode(loss, hardest, symmetric, reduction):
+    if loss == "infonce":
+        modes = [dict(temperature_mode=m) for m in
+                 ("float", "scalar_tensor", "per_sample", "learnable_scalar", "learnable_per_sample", "dystress")]
+    else:
+        modes = [dict(margin_mode=m) for m in ("float", "per_sample", "learnable_per_sample")]
+    for i, mode in enumerate(modes):
+        case = Case(N=N_SMALL, M=N_SMALL if symmetric else N_SMALL - 5, D=5, loss=loss, hardest_negative=hardest,
+                    symmetric=symmetric, reduction=reduction, seed=100 + i, **mode)
+        check_backend_against_reference(case, "triton")
+
+
+@pytest.mark.parametrize("N,M,D,H,symmetric", [
+    (2, 2, 1, None, True),      # D = 1 (masked feature tile), the smallest symmetric batch
+    (1, 5, 3, None, False),     # a single row
+    (N_SMALL, 3, 1, None, False),  # N ≠ M, more rows than columns
+    (5, N_SMALL + 3, 7, 3, False),  # heads, more columns than rows
+    (N_SMALL + 1, N_SMALL + 1, 17, 2, True),  # heads, ragged tiles everywhere
+])
+def test_shapes(N, M, D, H, symmetric):
+    for loss, hardest in LOSSES:
+        case = Case(N=N, M=M, D=D, H=H, loss=loss, hardest_negative=hardest, symmetric=symmetric,
+                    temperature_mode="learnable_per_sample", margin_mode="learnable_per_sample", seed=N + M + D)
+        check_backend_against_reference(case, "triton")
+
+
+def test_several_feature_chunks():
+    """D spread over several BLOCK_D steps in the S tile and several BLOCK_DO slices in the backward."""
+    with _tiles(block_d=16, block_do=16):
+        for loss, hardest in LOSSES:
+            case = Case(N=N_SMALL, M=N_SMALL, D=40, H=2, loss=loss, hardest_negative=hardest,
+                        temperature_mode="learnable_per_sample", margin_mode="learnable_per_sample", seed=7)
+            check_backend_against_reference(case, "triton")
+
+
+def test_unnormalized_inputs_and_tiny_temperature():
+    """No fixed shift: |S|/τ in the thousands stays exact (online max), for per-sample τ and DySTreSS alike."""
+    for mode in ("learnable_per_sample", "dystress"):
+        case = Case(N=N_SMALL, M=N_SMALL, D=6, scale=3.0, tau_lo=1e-3, tau_hi=2e-3, temperature_mode=mode,
+                    seed=21)
+        check_backend_against_reference(case, "triton")
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),  # column-major
+    lambda t: torch.stack([t, -t], -1).flatten(-2)[..., ::2],  # feature stride 2
+    lambda t: t[..., :1].expand(t.shape),  # stride 0 along the features
+], ids=["column_major", "strided", "expanded"])
+def test_non_contiguous_inputs(make):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, N_SMALL, 6, generator=g).to(DEVICE)
+    y = torch.randn(2, N_SMALL, 6, generator=g).to(DEVICE)
+    tau = (0.1 + torch.rand(N_SMALL, generator=g)).to(DEVICE)  # [N]: an expanded, stride-0 [H, N] view inside
+    margin = (0.1 + 0.3 * torch.rand(2, N_SMALL, generator=g)).to(DEVICE).t().contiguous().t()  # [H, N] col-major
+    xs, ys = make(x), make(y)
+    assert not xs.is_contiguous()
+    for loss, hardest in LOSSES:
+        kw = dict(loss=loss, hardest_negative=hardest, temperature=tau, margin=margin, reduction="none")
+        got = mk.contrastive_loss(xs, ys, backend="triton", **kw)
+        want = mk.contrastive_loss(xs.double(), ys.double(), backend="torch",
+                                   **{**kw, "temperature": tau.double(), "margin": margin.double()})
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_expanded_temperature_gradient_sums_back():
+    """τ given as [N] reaches the op as an expanded [H, N] view; its gradient has the shape the caller gave."""
+    case = Case(N=N_SMALL, M=N_SMALL, D=4, H=3, temperature_mode="learnable_per_sample", seed=5)
+    inputs = make_inputs(case, torch.float32, DEVICE)
+    _, grads = loss_and_grads(inputs, backend="triton")
+    assert grads["temperature"].shape == (N_SMALL,)
+    check_backend_against_reference(case, "triton")
+
+
+def test_nan_propagates():
+    x = torch.randn(N_SMALL, 3, device=DEVICE)
+    y = torch.randn(N_SMALL, 3, device=DEVICE)
+    x[1, 2] = float("nan")
+    for loss in ("infonce", "max_margin"):
+        assert torch.isnan(mk.contrastive_loss(x, y, loss=loss, backend="triton"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The statistics themselves: ties, determinism, the column merge.
+
+def _stats(x, y, tau, margin, targets, request):
+    from mmts_kernels import triton_backend
+
+    return triton_backend.compute_stats(x, y, tau, margin, targets, request)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hardest_negative_ties_pick_the_lowest_index(deterministic):
+    """Equal negatives in different tiles: rows and columns both report the lowest index, whatever order the
+    tiles (and, for columns, the row blocks) are merged in."""
+    n = 2 * N_SMALL
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(n, 4, generator=g)
+    x, y = base.clone(), base.clone()
+    y[n - 2] = y[3]  # column n−2 duplicates column 3 (a later tile): ties in every row
+    x[n - 1] = x[2]  # row n−1 duplicates row 2: ties in every column
+    x, y = x[None].to(DEVICE), y[None].to(DEVICE)
+    margin = torch.full((1, n), 0.2, device=DEVICE)
+    req = StatsRequest(hard=True, cols=True, deterministic=deterministic)
+    got = _stats(x, y, None, margin, torch.arange(n, device=DEVICE), req)
+    want = reference.compute_stats(x, y, None, margin, torch.arange(n, device=DEVICE), req)
+    for name in ("arg", "arg_c"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("hard", "hard_c", "pos"):
+        assert rel_err(getattr(got, name), getattr(want, name)) <= 1e-6, name
+
+
+def test_deterministic_is_bitwise_reproducible():
+    case = Case(N=3 * N_SMALL, M=3 * N_SMALL, D=9, H=2, temperature_mode="learnable_per_sample", seed=31)
+    runs = []
+    for _ in range(2):
+        inputs = make_inputs(case, torch.float32, DEVICE)
+        runs.append(loss_and_grads(inputs, backend="triton", deterministic=True))
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    # the lock-merged (default) path agrees to rounding
+    inputs = make_inputs(case, torch.float32, DEVICE)
+    out_c, grads_c = loss_and_grads(inputs, backend="triton", deterministic=False)
+    assert rel_err(out_c, out_a) <= 1e-6
+    for name in grads_a:
+        assert rel_err(grads_c[name], grads_a[name]) <= 1e-6, name
+
+
+def test_every_statistic_against_the_reference():
+    """All fields at once, rows and columns, learnable τ (ws, ws_c) and hinge counts."""
+    g = torch.Generator().manual_seed(12)
+    H, n = 2, 2 * N_SMALL + 3
+    x = torch.randn(H, n, 7, generator=g, dtype=torch.float64)
+    y = torch.randn(H, n, 7, generator=g, dtype=torch.float64)
+    tau = 0.1 + torch.rand(H, n, generator=g, dtype=torch.float64)
+    margin = 0.5 * torch.rand(H, n, generator=g, dtype=torch.float64)
+    targets = torch.arange(n)
+    for hard in (False, True):
+        req = StatsRequest(lse=True, hinge=not hard, hard=hard, ws=True, cols=True)
+        want = reference.compute_stats(x, y, tau, margin, targets, req)
+        got = _stats(x.float().to(DEVICE), y.float().to(DEVICE), tau.float().to(DEVICE),
+                     margin.float().to(DEVICE), targets.to(DEVICE), req)
+        for name, ref in want._asdict().items():
+            value = getattr(got, name)
+            assert (ref is None) == (value is None), name
+            if ref is None:
+                continue
+            if ref.dtype == torch.int64:  # counts and argmaxes: exact (no ties / threshold cases in this draw)
+                assert torch.equal(value.cpu(), ref), name
+            else:
+                assert rel_err(value, ref) <= 1e-5, name
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    x = torch.randint(0, 3, (1, 4, 2), device=DEVICE)
+    with pytest.raises(ValueError, match="int64"):
+        _stats(x, x, None, None, torch.arange(4, device=DEVICE), StatsRequest(lse=True))
+
+
+def test_unavailable_reason(monkeypatch):
+    from mmts_kernels import triton_backend
+
+    assert triton_backend.unavailable_reason(torch.device("cuda")) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = triton_backend.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.unavailable_reason(torch.device("cpu")) is None
+    assert triton_backend.unavailable_reason(None) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: no tensor of N·M elements, forward or backward.
+
+def test_no_allocation_of_the_similarity_matrix():
+    n, D = (2048, 8) if ON_GPU else (64, 3)  # N·M = 4096 on the CPU, while (N+M)·D = 384
+    for loss, hardest in LOSSES:
+        case = Case(N=n, M=n, D=D, loss=loss, hardest_negative=hardest, temperature_mode="learnable_per_sample",
+                    margin_mode="learnable_per_sample", seed=2)
+        inputs = make_inputs(case, torch.float32, DEVICE)
+        with AllocationRecorder() as rec:
+            loss_and_grads(inputs, backend="triton")
+        op, numel = rec.largest()
+        assert numel < n * n // 4, f"{loss}: {op} allocated {numel} elements (N·M = {n * n})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration: opcheck and torch.compile.
+
+def _op_samples():
+    g = torch.Generator().manual_seed(4)
+    H, N, D = 2, N_SMALL, 5
+
+    def leaf(*shape, lo=0.0):
+        return (lo + torch.rand(*shape, generator=g)).to(DEVICE).requires_grad_()
+
+    x, y = leaf(H, N, D, lo=-0.5), leaf(H, N, D, lo=-0.5)
+    tau, margin = leaf(H, N, lo=0.1), leaf(H, N)
+    t = torch.arange(N, device=DEVICE)
+    targets = torch.randint(0, N, (N,), generator=g).to(DEVICE)
+    return [  # (x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, deterministic)
+        (x, y, tau, None, t, True, False, False, True, True, False, 0.0, 0.0, False),
+        (x, y, None, margin, targets, False, True, False, False, False, False, 0.0, 0.0, True),
+        (x, y, None, None, t, False, False, True, False, True, False, 0.0, 0.0, False),
+        (x, y, None, None, t, True, False, False, False, True, True, 0.1, 0.2, False),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_opcheck(index):
+    from mmts_kernels.triton_backend import op  # noqa: F401  (registers the ops)
+
+    torch.library.opcheck(torch.ops.mmts_kernels.triton_stats, _op_samples()[index])
+
+
+def _leaves():
+    """x, y [2, N, 5]; per-sample τ and margin [N] (expanded to [H, N] inside), all requiring grad."""
+    g = torch.Generator().manual_seed(6)
+    x, y = (torch.randn(2, N_SMALL, 5, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    tau = (0.1 + torch.rand(N_SMALL, generator=g)).to(DEVICE).requires_grad_()
+    margin = (0.1 + 0.3 * torch.rand(N_SMALL, generator=g)).to(DEVICE).requires_grad_()
+    return x, y, tau, margin
+
+
+def _compile(fn):
+    torch._dynamo.reset()
+    # aot_eager on the CPU: traces forward and backward through the fake implementations without a C++ toolchain
+    return torch.compile(fn, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+
+
+def _compare_compiled(fn, *leaves):
+    out = _compile(fn)(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    out_e = fn(*leaves)
+    grads_e = torch.autograd.grad(out_e, leaves)
+    assert rel_err(out, out_e) <= 1e-6
+    for a, b in zip(grads, grads_e):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_compile_fullgraph_backend_op():
+    """The op and the losses on top trace into one graph, forward and backward."""
+    from mmts_kernels import losses, triton_backend
+    from mmts_kernels.validation import validate
+
+    x, y, tau, margin = _leaves()
+
+    def model(x, y, tau, margin):
+        total = 0.0
+        for loss, hard in LOSSES:
+            p = validate(x, y, loss=loss, temperature=tau, margin=margin, hardest_negative=hard, targets=None,
+                         symmetric=True, reduction="mean", check_finite=False, backend="triton",
+                         deterministic=None)
+            stats = triton_backend.compute_stats(p.x, p.y, p.tau, p.margin, p.targets, p.request)
+            terms = losses.per_anchor_terms(stats, loss=loss, hardest_negative=hard, tau=p.tau, dystress=None,
+                                            margin=p.margin, symmetric=True)
+            total = total + losses.reduce_terms(terms, loss=loss, hardest_negative=hard, reduction="mean",
+                                                num_cols=p.y.shape[1], has_heads=True)
+        return total
+
+    _compare_compiled(model, x, y, tau, margin)
+
+
+def test_compile_fullgraph_public_api():
+    """A model calling the public API with backend="triton": one graph (validation, dispatch, op, loss)."""
+    x, y, tau, margin = _leaves()
+
+    def model(x, y, tau, margin):
+        return (mk.info_nce(x, y, temperature=tau, backend="triton")
+                + mk.info_nce(x, y, temperature=mk.DySTreSS(0.1, 0.2), backend="triton")
+                + mk.max_margin(x, y, margin=margin, backend="triton")
+                + mk.max_margin(x, y, margin=margin, hardest_negative=True, backend="triton"))
+
+    _compare_compiled(model, x, y, tau, margin)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only: sizes the interpreter cannot reach.
+
+@requires_cuda
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cuda_more_than_2_pow_31_pairs(symmetric):
+    """N·M ≥ 2³¹ pairs: every index is int64; the reference is computed in row chunks of float64."""
+    n, D = 47_000, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(n, D, device="cuda", generator=g), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(n, D, device="cuda", generator=g), dim=1)
+    tau = 0.05 + 0.1 * torch.rand(n, device="cuda", generator=g)
+    kw = dict(symmetric=symmetric, reduction="none")
+    if not symmetric:
+        kw["targets"] = torch.arange(n, device="cuda").flip(0)
+    got = mk.info_nce(x, y, tau, backend="triton", **kw)
+    xd, yd, td = x.double(), y.double(), tau.double()
+    t = kw.get("targets", torch.arange(n, device="cuda"))
+    row = torch.cat([torch.logsumexp(xd[i:i + 4096] @ yd.T / td[i:i + 4096, None], 1) for i in range(0, n, 4096)])
+    pos = (xd * yd[t]).sum(1)
+    want = row - pos / td
+    if symmetric:
+        col = torch.cat([torch.logsumexp(yd[j:j + 4096] @ xd.T / td[j:j + 4096, None], 1)
+                         for j in range(0, n, 4096)])
+        want = torch.stack((want, col - pos / td))
+    assert rel_err(got, want) <= 1e-5
+
+
+@requires_cuda
+def test_cuda_large_batch_gradients():
+    for loss, hardest in LOSSES:
+        case = Case(N=1000, M=1000, D=256, H=2, loss=loss, hardest_negative=hardest,
+                    temperature_mode="learnable_per_sample", margin_mode="learnable_per_sample", seed=1)
+        check_backend_against_reference(case, "triton")
+        check_backend_against_reference(with_dtype(case, torch.bfloat16), "triton")
