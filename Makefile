@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install "triton==3.6.0"
-	$(PY) -m pip install -e ".[test,plot]"
+	$(PY) -m pip install -e ".[test,bench]"
 	touch $@
 
 install: $(STAMP)

@@ -1,56 +1,256 @@
-"""`make bench`: forward+backward time of the losses on every backend that runs here, against the reference.
+"""`make bench` / `python -m bench`: every backend that runs here against the torch reference, on this device.
 
-Prints one table; times are medians of repeated runs after a warm-up.
+For each backend (torch = the eager reference, torch_compile = the reference under ``torch.compile``, and every
+fused backend ``mk.available_backends()`` reports usable on the device), each loss (symmetric InfoNCE with
+per-sample τ, symmetric max-margin with per-sample margins), each dtype and size: the median time of the forward,
+the backward and the full (forward+backward) pass, the peak memory of each, and TFLOP/s counting 8·N·M·D per
+forward+backward. Plus a bare N×D·D×N GEMM per (dtype, N, D): the ceiling.
+
+Every (backend, loss, dtype, N, D) cell runs in a fresh process (``bench.worker``): clean CPU memory
+measurements, and an OOM or a crash stays in its cell. A backend that runs out of memory at some N is not tried at
+larger N; one that fails otherwise (say, torch.compile without a working compiler) is not tried again for that
+dtype — the table says why.
+
+Outputs: a table on stdout; <out-dir>/<device>-<date>.csv, .md and .png.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
 import time
+from typing import List, Optional
 
 import torch
 
 import mmts_kernels as mk
 
+from . import report
+from .progress import progress
+from .timing import MALLOC_ENV
 
-def time_fwd_bwd(backend: str, N: int, D: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(device, dtype).requires_grad_()
-    y = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(device, dtype).requires_grad_()
-    tau = (0.05 + 0.1 * torch.rand(N, generator=g)).to(device)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO_ROOT, "bench", "results")
+LOSSES = ("infonce", "max_margin")
+COMPILED = "torch_compile"
 
-    def step():
-        mk.info_nce(x, y, tau, backend=backend).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+# Default sweeps. CPU: the whole default run stays within ~10 minutes on 2 cores.
+SIZES = {"cpu": [1024, 2048, 4096], "cuda": [1024, 4096, 16384]}
+FULL_SIZES = {"cpu": [1024, 2048, 4096, 8192, 16384], "cuda": [1024, 2048, 4096, 8192, 16384, 32768, 65536]}
+FULL_DIMS = {"cpu": [256, 1024], "cuda": [256, 1024]}
+QUICK_SIZES = [1024, 2048]
 
-    step()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", help="N (= M) values (default: by device; see --quick/--full)")
+    p.add_argument("--dims", type=int, nargs="+", help="D values (default 256)")
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32, plus bfloat16 on GPU")
+    p.add_argument("--backends", nargs="+",
+                   help="subset of torch, torch_compile and the library's backends (default: all that run here)")
+    p.add_argument("--no-gemm", action="store_true", help="skip the GEMM ceiling rows")
+    p.add_argument("--repeats", type=int, help="timed repeats per pass on CPU (default 5; 3 with --quick)")
+    p.add_argument("--quick", action="store_true", help=f"a short check: N in {QUICK_SIZES}, 3 repeats")
+    p.add_argument("--full", action="store_true", help="the long sweep: N up to 65536 on GPU, D in {256, 1024}")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out-dir", default=DEFAULT_OUT, help="where the CSV, markdown and PNG go")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds per cell before it is given up")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in each worker (default: torch's)")
+    args = p.parse_args(argv)
+    if args.quick and args.full:
+        p.error("--quick and --full exclude each other")
+    for name in ("sizes", "dims"):
+        if any(v < 2 for v in getattr(args, name) or []):
+            p.error(f"--{name} values must be >= 2")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    return torch.device(choice)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def backends_to_run(device: torch.device, wanted: Optional[List[str]]):
+    """(names to run, {name: reason} for those left out): torch and torch_compile first, then the fused ones."""
+    skipped, names = {}, ["torch", COMPILED]
+    for name, reason in _backend_reasons(device, wanted).items():
+        if name == "torch":
+            continue
+        if reason is None and name == "triton" and device.type != "cuda":
+            reason = "Triton kernels run on CUDA GPUs (the CPU interpreter is for tests only)"
+        if reason is None:
+            names.append(name)
+        else:
+            skipped[name] = reason
+    if wanted:
+        known = set(names) | set(skipped) | set(getattr(mk.backends, "_MODULES", ()))
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise SystemExit(f"--backends: unknown {unknown}; known: {names + sorted(skipped)}")
+        for w in wanted:
+            if w in skipped:
+                print(f"note: backend {w!r} is not available here: {skipped[w]}", file=sys.stderr)
+        names = [n for n in names if n in wanted]
+    return names, skipped
+
+
+def _backend_reasons(device: torch.device, wanted: Optional[List[str]] = None) -> dict:
+    """{backend: None if it runs on ``device``, else why not}, for the library's backends (only those in
+    ``wanted`` when given: checking one may build it). A backend whose availability check itself fails (say, one
+    half-installed) is reported with that error instead of stopping the benchmark."""
+    names = list(getattr(mk.backends, "_MODULES", None) or mk.available_backends())
+    if wanted:
+        names = [n for n in names if n in wanted]
+    reasons = {}
+    for name in names:
+        try:
+            reasons[name] = mk.backends.unavailable_reason(name, device)
+        except Exception as exc:  # noqa: BLE001
+            reasons[name] = f"its availability check failed: {type(exc).__name__}: {exc}"
+    return reasons
+
+
+def run_cell(spec: dict, timeout: float) -> dict:
+    """Run one cell in a fresh worker process; a crash or a timeout becomes a note."""
+    env = dict(os.environ, **MALLOC_ENV)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "bench.worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"rows": [], "note": f"timed out after {timeout:.0f} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"rows": [], "note": f"worker exited with code {proc.returncode}: {tail}"[:300]}
+
+
+def result_rows(spec: dict, result: dict, device_label: str) -> List[dict]:
+    """CSV rows of one cell; a cell that produced nothing still gets rows (nan) that carry its note."""
+    passes = ["forward"] if spec["backend"] == report.GEMM else ["forward", "backward", "full"]
+    got = {r["pass"]: r for r in result.get("rows", [])}
+    out = []
+    for p in passes:
+        r = got.get(p, {})
+        ms = r.get("ms")
+        ms = float("nan") if ms is None else float(ms)
+        mem = r.get("mem")
+        note = "; ".join(n for n in (result.get("note", ""), r.get("note", "")) if n)
+        out.append(dict(
+            device=device_label, backend=spec["backend"], loss=spec["loss"], dtype=spec["dtype"],
+            N=spec["N"], M=spec["N"], D=spec["D"], **{"pass": p}, ms_median=ms,
+            peak_mem_bytes=float("nan") if mem is None else int(mem),
+            tflops=report.tflops(spec["backend"], p, spec["N"], spec["N"], spec["D"], ms), note=note,
+        ))
+    return out
+
+
+def plan(args, device: torch.device, backends: List[str]) -> List[dict]:
+    sizes = args.sizes or (QUICK_SIZES if args.quick else (FULL_SIZES if args.full else SIZES)[device.type])
+    dims = args.dims or (FULL_DIMS[device.type] if args.full else [256])
+    dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    repeats = args.repeats or (3 if args.quick else 5)
+    cells = []
+    for dtype in dtypes:
+        for D in dims:
+            for N in sorted(sizes):
+                base = dict(dtype=dtype, N=N, D=D, device=str(device), repeats=repeats, threads=args.threads)
+                if not args.no_gemm:
+                    cells.append(dict(base, backend=report.GEMM, loss="none"))
+                cells += [dict(base, backend=b, loss=loss) for loss in args.losses for b in backends]
+    return cells
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32
-    usable = [name for name, reason in mk.available_backends().items()
-              if reason is None and mk.backends.unavailable_reason(name, device) is None]
-    print(f"device={device.type} dtype={dtype} D={args.dim} loss=symmetric InfoNCE, per-sample tau, fwd+bwd")
-    print(f"{'backend':>8} {'N':>7} {'ms (median)':>12} {'vs torch':>9}")
-    for N in args.sizes:
-        ref = None
-        for name in ["torch"] + [b for b in usable if b != "torch"]:
-            ms = time_fwd_bwd(name, N, args.dim, device, dtype, args.repeats)
-            ref = ms if name == "torch" else ref
-            print(f"{name:>8} {N:>7} {ms:>12.2f} {ref / ms:>8.2f}x")
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    label = device_name(device)
+    date = datetime.date.today().isoformat()
+    backends, skipped = backends_to_run(device, args.backends)
+    cells = plan(args, device, backends)
+    print(f"device: {label} ({device.type}); torch {torch.__version__}; backends: {', '.join(backends)}"
+          + "".join(f"\n  not run: {name} ({why})" for name, why in skipped.items()), flush=True)
+
+    rows: List[dict] = []
+    blocked = {}  # (backend, loss, dtype, D) -> note: no larger N after an OOM
+    broken = {}   # (backend, dtype) -> note: a non-OOM failure, not retried
+    bar = progress(len(cells), "bench", enabled=not args.no_progress)
+    start = time.perf_counter()
+    for spec in cells:
+        bar.set_postfix_str(f"{spec['backend']} {spec['loss']} {spec['dtype']} N={spec['N']} D={spec['D']}")
+        key, bkey = (spec["backend"], spec["loss"], spec["dtype"], spec["D"]), (spec["backend"], spec["dtype"])
+        if key in blocked or bkey in broken:
+            result = {"rows": [], "note": blocked.get(key) or broken[bkey]}
+        else:
+            result = run_cell(spec, args.timeout)
+            cell_rows = result.get("rows", [])
+            if any(r.get("note") == "OOM" for r in cell_rows) or result.get("note") == "OOM":
+                blocked[key] = f"skipped: OOM at N={spec['N']}"
+            elif not cell_rows and result.get("note"):
+                broken[bkey] = f"{result['note']} (at N={spec['N']})"
+        rows += result_rows(spec, result, label)
+        bar.update()
+    bar.close()
+
+    print(report.format_table(rows))
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.abspath(os.path.join(args.out_dir, report.file_stem(label, date)))
+    report.write_csv(rows, stem + ".csv")
+    meta = {
+        "command": ("python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
+                                                                           else argv))).rstrip(),
+        "date": date, "device": f"{label} ({device.type})", "torch": torch.__version__,
+        "python": platform.python_version(), "threads": str(args.threads or torch.get_num_threads()),
+        "backends run": ", ".join(backends),
+        "not run": "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "—",
+        "wall time": f"{time.perf_counter() - start:.0f} s",
+    }
+    with open(stem + ".md", "w") as f:
+        f.write(report.markdown(rows, meta))
+    written = [stem + ".csv", stem + ".md"]
+    if not args.no_plot:
+        why = report.plot(rows, stem + ".png", title=f"{label} — {date}")
+        if why:
+            print(f"plot skipped: {why}")
+        else:
+            written.append(stem + ".png")
+    print("wrote " + ", ".join(written))
+    failed = [r for r in rows if not math.isfinite(r["ms_median"])]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} measurements have no value; see the note column")
 
 
 if __name__ == "__main__":

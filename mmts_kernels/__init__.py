@@ -13,10 +13,11 @@ Where things are:
     modules.py      nn.Module losses (ContrastiveLoss, MMTSLoss)
     amcl.py         multi-head AMCL with its temperature network
     distributed.py  local loss with negatives gathered over torch.distributed
+    metrics.py      retrieval metrics: R@K, ranks, EK-100 mAP / nDCG (chunked)
     triton_backend/ the fused Triton kernels (GPU)
     cpp_backend/    the fused C++ CPU kernels (sources in csrc/)
 """
-from . import backends, clusters, schedules
+from . import backends, clusters, metrics, schedules
 from .amcl import AMCLLoss, AMCLTemperatureNet, amcl_loss
 from .api import contrastive_loss, info_nce, max_margin
 from .backends import available_backends
@@ -32,6 +33,7 @@ __all__ = [
     "available_backends",
     "schedules",
     "clusters",
+    "metrics",
     "backends",
     "amcl_loss",
     "AMCLLoss",

@@ -19,7 +19,9 @@ from typing import Optional
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# A source checkout has csrc/ beside the package; a wheel carries a copy inside it (see setup.py).
+_PACKAGE = Path(__file__).resolve().parents[1]
+CSRC = next((p for p in (_PACKAGE.parent / "csrc", _PACKAGE / "csrc") if p.is_dir()), _PACKAGE.parent / "csrc")
 SOURCES = ("mmts_cpu.cpp",)
 HEADERS = ("tile_kernels.h",)
 # -O3 and OpenMP (at::parallel_for is an OpenMP region in the header; `omp simd` vectorizes the reductions);

@@ -1,0 +1,65 @@
+"""A progress bar: tqdm when it is installed, else a one-line bar on stderr (no extra dependency)."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class _StderrBar:
+    """Minimal stand-in for ``tqdm(total=..., desc=...)``: ``update``, ``set_postfix_str``, ``close``."""
+
+    def __init__(self, total: int, desc: str, width: int = 28):
+        self.total, self.desc, self.width = max(total, 1), desc, width
+        self.n, self.postfix, self.start = 0, "", time.perf_counter()
+        self._draw()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._draw()
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+        self._draw()
+
+    def write(self, text: str) -> None:
+        sys.stderr.write("\r\033[K" + text + "\n")
+        self._draw()
+
+    def close(self) -> None:
+        self._draw()
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def _draw(self) -> None:
+        done = min(self.n / self.total, 1.0)
+        fill = int(round(done * self.width))
+        elapsed = time.perf_counter() - self.start
+        bar = "#" * fill + "-" * (self.width - fill)
+        line = f"{self.desc} [{bar}] {self.n}/{self.total} {elapsed:5.0f}s {self.postfix}"
+        sys.stderr.write("\r\033[K" + line[:160])
+        sys.stderr.flush()
+
+
+def progress(total: int, desc: str, enabled: bool = True):
+    """A bar over ``total`` units of work; a silent one when ``enabled`` is False."""
+    if not enabled:
+        return _Silent()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _StderrBar(total, desc)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(text + "\n")
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,235 @@
+"""Outputs of a benchmark sweep: the CSV, the table on stdout, the markdown summary and the PNG plot.
+
+A result row is a dict with the CSV fields (``CSV_FIELDS``) plus ``note`` (why a value is missing: OOM, a compile
+failure, …), which goes to the table and the markdown but not to the CSV. Missing values are ``nan``.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+CSV_FIELDS = ["device", "backend", "loss", "dtype", "N", "M", "D", "pass", "ms_median", "peak_mem_bytes", "tflops"]
+REFERENCE = "torch"
+GEMM = "gemm"
+# Flops of one pass of a loss over S = x yᵀ, in units of N·M·D: forward 2 (S), backward 6 (S again, dS·y, dSᵀ·x).
+FLOP_FACTOR = {"forward": 2, "backward": 6, "full": 8}
+
+
+def flops(backend: str, pass_: str, N: int, M: int, D: int) -> int:
+    return 2 * N * M * D if backend == GEMM else FLOP_FACTOR[pass_] * N * M * D
+
+
+def tflops(backend: str, pass_: str, N: int, M: int, D: int, ms: float) -> float:
+    if ms is None or not math.isfinite(ms) or ms <= 0:
+        return float("nan")
+    return flops(backend, pass_, N, M, D) / (ms * 1e-3) / 1e12
+
+
+def file_stem(device_name: str, date: str) -> str:
+    """``<device>-<date>`` with the device name made safe for a file name."""
+    safe = re.sub(r"[^A-Za-z0-9._+]+", "-", device_name).strip("-.") or "device"
+    return f"{safe}-{date}"
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for r in rows:
+            writer.writerow([_csv_value(r[k]) for k in CSV_FIELDS])
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.6g}"
+    return "nan" if v is None else v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The summary table: one line per (loss, dtype, N, D, backend), the three passes side by side.
+
+def summary(rows: List[dict]) -> List[dict]:
+    """Pivoted lines with ratios against the torch reference and the GEMM ceiling of the same (dtype, N, D)."""
+    cells: Dict[tuple, dict] = defaultdict(dict)
+    notes: Dict[tuple, set] = defaultdict(set)
+    gemm: Dict[tuple, dict] = {}
+    for r in rows:
+        if r["backend"] == GEMM:
+            gemm[(r["dtype"], r["N"], r["D"])] = r
+            continue
+        key = (r["loss"], r["dtype"], r["N"], r["D"], r["backend"])
+        cells[key][r["pass"]] = r
+        if r.get("note"):
+            notes[key].add(r["note"])
+    lines = []
+    for key, passes in cells.items():
+        loss, dtype, N, D, backend = key
+        ref = cells.get((loss, dtype, N, D, REFERENCE), {})
+        full, ref_full = passes.get("full", {}), ref.get("full", {})
+        g = gemm.get((dtype, N, D), {})
+        lines.append(dict(
+            loss=loss, dtype=dtype, N=N, D=D, backend=backend,
+            fwd_ms=_get(passes, "forward", "ms_median"), bwd_ms=_get(passes, "backward", "ms_median"),
+            full_ms=full.get("ms_median", math.nan), full_tflops=full.get("tflops", math.nan),
+            of_gemm=_ratio(full.get("tflops"), g.get("tflops")),
+            full_mib=_mib(full.get("peak_mem_bytes")),
+            speedup=_ratio(ref_full.get("ms_median"), full.get("ms_median")),
+            mem_ratio=_ratio(full.get("peak_mem_bytes"), ref_full.get("peak_mem_bytes")),
+            note="; ".join(sorted(notes[key])),
+        ))
+    order = {b: i for i, b in enumerate(_backend_order(rows))}
+    lines.sort(key=lambda l: (l["loss"], l["dtype"], l["D"], l["N"], order.get(l["backend"], 99)))
+    return lines
+
+
+def gemm_lines(rows: List[dict]) -> List[dict]:
+    out = [dict(dtype=r["dtype"], N=r["N"], D=r["D"], ms=r["ms_median"], tflops=r["tflops"],
+                mib=_mib(r["peak_mem_bytes"]), note=r.get("note", "")) for r in rows if r["backend"] == GEMM]
+    return sorted(out, key=lambda l: (l["dtype"], l["D"], l["N"]))
+
+
+def _backend_order(rows):
+    seen = []
+    for r in rows:
+        if r["backend"] not in seen:
+            seen.append(r["backend"])
+    return seen
+
+
+def _get(passes, p, field):
+    return passes.get(p, {}).get(field, math.nan)
+
+
+def _ratio(a, b) -> float:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return math.nan
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+def _mib(nbytes) -> float:
+    try:
+        v = float(nbytes)
+    except (TypeError, ValueError):
+        return math.nan
+    return v / 2**20
+
+
+def _fmt(v, spec: str, suffix: str = "") -> str:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "—"
+    return format(v, spec) + suffix
+
+
+_COLUMNS = [  # (title, key, format, suffix)
+    ("loss", "loss", "", ""), ("dtype", "dtype", "", ""), ("N", "N", "d", ""), ("D", "D", "d", ""),
+    ("backend", "backend", "", ""), ("fwd ms", "fwd_ms", ".2f", ""), ("bwd ms", "bwd_ms", ".2f", ""),
+    ("fwd+bwd ms", "full_ms", ".2f", ""), ("TFLOP/s", "full_tflops", ".3f", ""), ("of GEMM", "of_gemm", ".0%", ""),
+    ("peak MiB", "full_mib", ".1f", ""), ("speed vs torch", "speedup", ".2f", "×"),
+    ("mem vs torch", "mem_ratio", ".2f", "×"), ("note", "note", "", ""),
+]
+
+
+def _table_cells(lines: List[dict]) -> List[List[str]]:
+    return [[_fmt(l[key], spec, suffix) for _, key, spec, suffix in _COLUMNS] for l in lines]
+
+
+def format_table(rows: List[dict]) -> str:
+    """Plain-text table for stdout: the loss lines, then the GEMM ceiling."""
+    header = [t for t, *_ in _COLUMNS]
+    body = _table_cells(summary(rows))
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths)).rstrip()]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in body]
+    g = gemm_lines(rows)
+    if g:
+        out += ["", "GEMM ceiling (one bare N×D·D×N matmul):"]
+        out += [f"  {l['dtype']:>9} N={l['N']:<6d} D={l['D']:<5d} {_fmt(l['ms'], '.2f')} ms  "
+                f"{_fmt(l['tflops'], '.3f')} TFLOP/s  {l['note']}".rstrip() for l in g]
+    return "\n".join(out)
+
+
+def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
+    """The markdown summary: how the run was made, then the table and the GEMM ceiling."""
+    out = [f"# Benchmark: {meta.get('device', '?')}, {meta.get('date', '?')}", ""]
+    out += [f"- **{k}**: {v}" for k, v in meta.items()]
+    out += ["", "Times are medians after warm-up (GPU: `triton.testing.do_bench`; CPU: repeat-and-median); peak "
+            "memory is the op's growth over its inputs (GPU: `torch.cuda.max_memory_allocated`; CPU: RSS high-water "
+            "mark growth in a fresh process per cell). TFLOP/s count 8·N·M·D per forward+backward (2 forward, "
+            "6 backward). \"vs torch\": the eager torch reference's fwd+bwd time divided by this backend's (higher is "
+            "faster), and this backend's fwd+bwd peak memory divided by the reference's (lower is leaner). "
+            "\"of GEMM\": the fwd+bwd rate as a fraction of one bare N×D·D×N GEMM's rate.", ""]
+    header = [t for t, *_ in _COLUMNS]
+    out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in _table_cells(summary(rows))]
+    g = gemm_lines(rows)
+    if g:
+        out += ["", "## GEMM ceiling", "", "| dtype | N | D | ms | TFLOP/s | note |", "|---|---|---|---|---|---|"]
+        out += [f"| {l['dtype']} | {l['N']} | {l['D']} | {_fmt(l['ms'], '.3f')} | {_fmt(l['tflops'], '.3f')} | "
+                f"{l['note']} |" for l in g]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plot: fwd+bwd time and peak memory against N, log-log, one line per backend.
+
+def plot(rows: List[dict], path: str, title: str = "") -> Optional[str]:
+    """Write the PNG; returns None, or why no plot was made (matplotlib missing, nothing to plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[plot]'): no plot"
+    groups = sorted({(r["loss"], r["dtype"], r["D"]) for r in rows if r["backend"] != GEMM})
+    if not groups:
+        return "nothing to plot"
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    backends = [b for b in _backend_order(rows) if b != GEMM]
+    for (loss, dtype, D), (ax_t, ax_m) in zip(groups, axes):
+        for b in backends:
+            pts = sorted((r["N"], r["ms_median"], r["peak_mem_bytes"]) for r in rows
+                         if (r["backend"], r["loss"], r["dtype"], r["D"], r["pass"]) == (b, loss, dtype, D, "full"))
+            t = [(n, ms) for n, ms, _ in pts if _finite(ms)]
+            m = [(n, mem / 2**20) for n, _, mem in pts if _finite(mem) and mem > 0]
+            if t:
+                ax_t.plot(*zip(*t), marker="o", label=b)
+            if m:
+                ax_m.plot(*zip(*m), marker="o", label=b)
+        g = sorted((r["N"], r["ms_median"]) for r in rows
+                   if r["backend"] == GEMM and r["dtype"] == dtype and r["D"] == D and _finite(r["ms_median"]))
+        if g:  # fwd+bwd does 8·N²·D flops = 4 bare GEMMs: the time it would take at the GEMM rate
+            ax_t.plot([n for n, _ in g], [4 * ms for _, ms in g], linestyle="--", color="gray",
+                      label="ceiling: 8·N²·D flops at the GEMM rate")
+        ax_t.set_title(f"{loss}, {dtype}, D={D}: forward+backward time", fontsize=10)
+        ax_m.set_title(f"{loss}, {dtype}, D={D}: forward+backward peak memory", fontsize=10)
+        ax_t.set_ylabel("ms (median)")
+        ax_m.set_ylabel("MiB")
+        for ax in (ax_t, ax_m):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N (= M)")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
