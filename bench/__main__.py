@@ -140,8 +140,25 @@ def _backend_reasons(device: torch.device, wanted: Optional[List[str]] = None) -
 
 
 def run_cell(spec: dict, timeout: float) -> dict:
-    """Run one cell in a fresh worker process; a crash or a timeout becomes a note."""
-    env = dict(os.environ, **MALLOC_ENV)
+    """Measure one cell in two fresh worker processes: peak memory with ``MALLOC_ENV`` (every large block its own
+    mapping, so RSS growth is the op's), then time with the default allocator — the memory setting makes every large
+    allocation a fresh, page-faulting mapping, which would slow allocation-heavy code such as the reference."""
+    memory = _run_worker({**spec, "measure": "memory"}, timeout, MALLOC_ENV)
+    if not memory["rows"]:
+        return memory
+    timing = _run_worker({**spec, "measure": "time"}, timeout, {})
+    by_pass = {row["pass"]: row for row in timing["rows"]}
+    for row in memory["rows"]:
+        timed = by_pass.get(row["pass"], {})
+        row["ms"] = timed.get("ms")
+        row["note"] = "; ".join(n for n in (row["note"], timed.get("note", "")) if n)
+    note = "; ".join(n for n in (memory["note"], timing["note"]) if n)
+    return {"rows": memory["rows"], "note": note}
+
+
+def _run_worker(spec: dict, timeout: float, extra_env: dict) -> dict:
+    """Run one measurement in a fresh worker process; a crash or a timeout becomes a note."""
+    env = dict(os.environ, **extra_env)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "bench.worker", json.dumps(spec)]
     try:

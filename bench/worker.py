@@ -83,6 +83,8 @@ def measure_loss(spec: dict) -> dict:
         return {"rows": [], "note": _describe(exc)}
 
     rows, note = {p: {"pass": p, "ms": None, "mem": None, "note": ""} for p in PASSES}, ""
+    if spec["measure"] == "time":
+        return _time_loss(rows, forward, full, clear, device, repeats, (x, y))
     try:
         with PeakMemory(device) as m:
             out = forward()
@@ -102,11 +104,14 @@ def measure_loss(spec: dict) -> dict:
         note = f"no memory measurement: {exc}"
     except Exception as exc:  # noqa: BLE001
         note = f"memory: {_describe(exc)}"
+    return {"rows": list(rows.values()), "note": note}
 
+
+def _time_loss(rows, forward, full, clear, device, repeats, leaves) -> dict:
     timers = {
-        "forward": lambda: median_ms(forward, device, repeats=repeats, warmup=0, grad_to_none=(x, y)),
-        "full": lambda: median_ms(full, device, repeats=repeats, warmup=0, grad_to_none=(x, y)),
-        "backward": lambda: _time_backward(forward, device, repeats, (x, y)),
+        "forward": lambda: median_ms(forward, device, repeats=repeats, warmup=0, grad_to_none=leaves),
+        "full": lambda: median_ms(full, device, repeats=repeats, warmup=0, grad_to_none=leaves),
+        "backward": lambda: _time_backward(forward, device, repeats, leaves),
     }
     for p in PASSES:
         try:
@@ -114,7 +119,7 @@ def measure_loss(spec: dict) -> dict:
         except Exception as exc:  # noqa: BLE001
             rows[p]["note"] = _describe(exc)
         clear()
-    return {"rows": list(rows.values()), "note": note}
+    return {"rows": list(rows.values()), "note": ""}
 
 
 def _time_backward(forward, device: torch.device, repeats: int, leaves) -> float:
@@ -138,6 +143,12 @@ def measure_gemm(spec: dict) -> dict:
     a = torch.randn(N, D, generator=g).to(device, DTYPES[spec["dtype"]])
     b = torch.randn(N, D, generator=g).to(device, DTYPES[spec["dtype"]])
     row = {"pass": "forward", "ms": None, "mem": None, "note": ""}
+    if spec["measure"] == "time":
+        try:
+            row["ms"] = median_ms(lambda: torch.matmul(a, b.T), device, repeats=spec["repeats"])
+        except Exception as exc:  # noqa: BLE001
+            row["note"] = _describe(exc)
+        return {"rows": [row], "note": ""}
     try:
         torch.matmul(a, b.T)
         with PeakMemory(device) as m:
@@ -146,11 +157,6 @@ def measure_gemm(spec: dict) -> dict:
         del out
     except MemoryProbeUnavailable as exc:
         row["note"] = f"no memory measurement: {exc}"
-    except Exception as exc:  # noqa: BLE001
-        row["note"] = _describe(exc)
-        return {"rows": [row], "note": ""}
-    try:
-        row["ms"] = median_ms(lambda: torch.matmul(a, b.T), device, repeats=spec["repeats"])
     except Exception as exc:  # noqa: BLE001
         row["note"] = _describe(exc)
     return {"rows": [row], "note": ""}

@@ -204,6 +204,24 @@ def with_dtype(case: Case, dtype: torch.dtype) -> Case:
     return replace(case, dtype=dtype)
 
 
+def gradcheck_loss(backend: str, loss: str, hardest_negative: bool, symmetric: bool, **extra) -> bool:
+    """torch.autograd.gradcheck in float64 of the per-anchor terms w.r.t. x, y, a per-sample τ and margin."""
+    g = torch.Generator().manual_seed(5)
+    N, M, D = 5, (5 if symmetric else 4), 3
+    x = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(M, D, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = (0.1 + torch.rand(N, generator=g, dtype=torch.float64)).requires_grad_()
+    margin = (0.1 + 0.3 * torch.rand(N, generator=g, dtype=torch.float64)).requires_grad_()
+    targets = None if symmetric else torch.randint(0, M, (N,), generator=g)
+
+    def f(x, y, tau, margin):
+        return mk.contrastive_loss(x, y, loss=loss, hardest_negative=hardest_negative, temperature=tau,
+                                   margin=margin, targets=targets, symmetric=symmetric, reduction="none",
+                                   backend=backend, **extra)
+
+    return torch.autograd.gradcheck(f, (x, y, tau, margin))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Memory: every tensor an op creates, seen through a dispatch mode (works for custom ops and autograd too).
 

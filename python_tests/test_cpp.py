@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import mmts_kernels as mk
 from mmts_kernels import backends
 from support import (AllocationRecorder, Case, backend_marker, cases, check_backend_against_reference,
-                     loss_and_grads, make_inputs, rel_err, with_dtype)
+                     gradcheck_loss, loss_and_grads, make_inputs, rel_err, with_dtype)
 
 pytestmark = backend_marker("cpp")
 
@@ -73,20 +73,7 @@ def test_float64_hypothesis(case, tiles):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_gradcheck(loss, hardest, symmetric, deterministic, monkeypatch):
     monkeypatch.setenv("MMTS_KERNELS_CPP_BLOCK", "2x3")
-    g = torch.Generator().manual_seed(5)
-    N, M, D = 5, (5 if symmetric else 4), 3
-    x = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(M, D, generator=g, dtype=torch.float64, requires_grad=True)
-    tau = (0.1 + torch.rand(N, generator=g, dtype=torch.float64)).requires_grad_()
-    margin = (0.1 + 0.3 * torch.rand(N, generator=g, dtype=torch.float64)).requires_grad_()
-    targets = None if symmetric else torch.randint(0, M, (N,), generator=g)
-
-    def f(x, y, tau, margin):
-        return mk.contrastive_loss(x, y, loss=loss, hardest_negative=hardest, temperature=tau, margin=margin,
-                                   targets=targets, symmetric=symmetric, reduction="none", backend="cpp",
-                                   deterministic=deterministic)
-
-    assert torch.autograd.gradcheck(f, (x, y, tau, margin))
+    assert gradcheck_loss("cpp", loss, hardest, symmetric, deterministic=deterministic)
 
 
 def test_gradcheck_heads_and_learnable_scalar_temperature():

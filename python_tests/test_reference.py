@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mmts_kernels as mk
-from support import Case, cases, check_backend_against_reference, loss_and_grads, make_inputs, rel_err, with_dtype
+from support import (Case, cases, check_backend_against_reference, gradcheck_loss, loss_and_grads, make_inputs,
+                     rel_err, with_dtype)
 
 # Tolerance of the float64 comparisons: 1e-12 relative to the size of the largest logit, because the losses subtract
 # terms of that size (lse_i − pos_i/τ_i) and float64 leaves ~1e-16 of them.
@@ -146,19 +147,7 @@ def test_max_margin_matches_avion_formulation():
 @pytest.mark.parametrize("loss,hardest", [("infonce", False), ("max_margin", False), ("max_margin", True)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gradcheck(loss, hardest, symmetric):
-    g = torch.Generator().manual_seed(5)
-    N, M, D = 5, (5 if symmetric else 4), 3
-    x = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(M, D, generator=g, dtype=torch.float64, requires_grad=True)
-    tau = (0.1 + torch.rand(N, generator=g, dtype=torch.float64)).requires_grad_()
-    margin = (0.1 + 0.3 * torch.rand(N, generator=g, dtype=torch.float64)).requires_grad_()
-    targets = None if symmetric else torch.randint(0, M, (N,), generator=g)
-
-    def f(x, y, tau, margin):
-        return mk.contrastive_loss(x, y, loss=loss, hardest_negative=hardest, temperature=tau, margin=margin,
-                                   targets=targets, symmetric=symmetric, reduction="none", backend="torch")
-
-    assert torch.autograd.gradcheck(f, (x, y, tau, margin))
+    assert gradcheck_loss("torch", loss, hardest, symmetric)
 
 
 def test_gradcheck_learnable_scalar_temperature():
