@@ -122,7 +122,7 @@ def test_training_updates_the_temperature_network():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
             assert p.grad.abs().sum() > 0, name
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert all(not torch.equal(a, b) for a, b in zip(before, criterion.parameters()))
