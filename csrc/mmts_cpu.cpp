@@ -241,11 +241,14 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
         const int64_t* ca = carg.const_data_ptr<int64_t>();
         T best = ninf;
         int64_t a = 0;
-        for (int64_t g = 0; g < G; ++g)
-          if (hd[g * M + j] > best) {  // chunks hold ascending rows: strict keeps the lowest row on ties
-            best = hd[g * M + j];
+        for (int64_t g = 0; g < G; ++g) {
+          const T v = hd[g * M + j];
+          // chunks hold ascending rows: strict keeps the lowest row on ties; the first NaN sticks
+          if (v > best || (v != v && best == best)) {
+            best = v;
             a = ca[g * M + j];
           }
+        }
         hard_c[j] = best;
         arg_c[j] = a;
       }

@@ -180,9 +180,21 @@ void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_
     const T* s = S + i * ld;
     const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
     T best = ninf;
-#pragma omp simd reduction(max : best)
-    for (int64_t j = 0; j < bc; ++j) best = vmax(best, j != tl ? s[j] : ninf);
-    if (best > rhard[r]) {  // strict: an earlier tile (lower column) keeps a tie
+    int nan = 0;  // NaN propagates as in the reference's max: a NaN negative is the hardest and stays so
+#pragma omp simd reduction(max : best) reduction(| : nan)
+    for (int64_t j = 0; j < bc; ++j) {
+      const T v = j != tl ? s[j] : ninf;
+      best = vmax(best, v);
+      nan |= v != v;
+    }
+    if (nan && rhard[r] == rhard[r]) {  // the first NaN seen, in the lowest column of this tile
+      for (int64_t j = 0; j < bc; ++j)
+        if (j != tl && s[j] != s[j]) {
+          rhard[r] = s[j];
+          rarg[r] = c0 + j;
+          break;
+        }
+    } else if (best > rhard[r]) {  // strict: an earlier tile (lower column) keeps a tie; false once NaN
       for (int64_t j = 0; j < bc; ++j)
         if (j != tl && s[j] == best) {
           rhard[r] = best;
@@ -193,7 +205,7 @@ void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_
     if (COLS) {
       for (int64_t j = 0; j < bc; ++j) {
         T v = j != diag ? s[j] : ninf;
-        bool up = v > chd[j];  // strict: an earlier row keeps a tie
+        bool up = v > chd[j] || (v != v && chd[j] == chd[j]);  // strict: an earlier row keeps a tie; NaN sticks
         chd[j] = up ? v : chd[j];
         cag[j] = up ? r : cag[j];
       }

@@ -78,8 +78,10 @@ def _hinge(violation: torch.Tensor, is_pos: torch.Tensor, dim: int):
 
 
 def _first_max(values: torch.Tensor, dim: int):
-    """Max along ``dim`` and the lowest index that attains it (ties resolved deterministically)."""
+    """Max along ``dim`` and the lowest index that attains it (ties resolved deterministically). A NaN is the
+    max, as in ``amax``, at its first position."""
     best = values.amax(dim=dim, keepdim=True)
     idx = torch.arange(values.shape[dim], device=values.device).view([-1 if d == dim else 1 for d in range(3)])
-    arg = torch.where(values == best, idx, values.shape[dim]).amin(dim=dim)
+    hit = (values == best) | (values.isnan() & best.isnan())
+    arg = torch.where(hit, idx, values.shape[dim]).amin(dim=dim)
     return values.gather(dim, arg.unsqueeze(dim)).squeeze(dim), arg

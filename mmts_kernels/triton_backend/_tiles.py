@@ -49,3 +49,26 @@ def dystress_tau(s, tau_min, tau_half_range):
 def relu_keep_nan(v):
     """relu(v) that lets NaN through (torch.relu does; a bare where(v > 0, v, 0) would turn NaN into 0)."""
     return tl.where((v > 0) | (v != v), v, 0.0)
+
+
+@triton.jit
+def hardest(S, neg, idx, sentinel, AXIS: tl.constexpr):
+    """Max of S over the negatives ``neg`` along AXIS and its lowest index (``idx`` broadcasts along AXIS;
+    ``sentinel`` when there is none). A NaN negative is the max, as in torch.amax: NaN propagates."""
+    finite = neg & (S == S)
+    vals = tl.where(finite, S, float("-inf"))
+    best = tl.max(vals, axis=AXIS)
+    arg = tl.min(tl.where(finite & (vals == tl.expand_dims(best, AXIS)), idx, sentinel), axis=AXIS)
+    nan_arg = tl.min(tl.where(neg & (S != S), idx, sentinel), axis=AXIS)
+    has_nan = nan_arg < sentinel
+    return tl.where(has_nan, float("nan"), best), tl.where(has_nan, nan_arg, arg)
+
+
+@triton.jit
+def merge_hardest(new, new_arg, old, old_arg):
+    """Merge two (max, lowest index) partials in any order: larger wins, ties go to the lower index, NaN wins."""
+    new_nan = new != new
+    old_ok = old == old
+    take = (new_nan & (old_ok | (new_arg < old_arg))) | (old_ok & ((new > old) | ((new == old) & (new_arg < old_arg))))
+    return tl.where(take, new, old), tl.where(take, new_arg, old_arg)
+

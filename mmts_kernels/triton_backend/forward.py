@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dystress_tau, relu_keep_nan, s_tile
+from ._tiles import dystress_tau, hardest, merge_hardest, relu_keep_nan, s_tile
 
 
 @triton.jit
@@ -129,13 +129,9 @@ def stats_kernel(
             hinge_run += tl.sum(tl.where(neg, relu_keep_nan(v), 0.0), axis=1)
             cnt_run += tl.sum((neg & (v > 0)).to(tl.int64), axis=1)
         if HARD_ON:
-            sn = tl.where(neg, S, neg_inf)
-            t_max = tl.max(sn, axis=1)
-            t_arg = tl.min(tl.where(neg & (sn == t_max[:, None]), cols[None, :], M), axis=1)
+            t_max, t_arg = hardest(S, neg, cols[None, :], M, 1)
             # tiles arrive in rotated order, so ties compare the column index explicitly
-            better = (t_max > hard_run) | ((t_max == hard_run) & (t_arg < arg_run))
-            hard_run = tl.where(better, t_max, hard_run)
-            arg_run = tl.where(better, t_arg, arg_run)
+            hard_run, arg_run = merge_hardest(t_max, t_arg, hard_run, arg_run)
 
         # ---- columns: reduce the tile over this program's rows, then merge into the shared column state
         if COLS:
@@ -160,9 +156,7 @@ def stats_kernel(
                 p_hinge = tl.sum(tl.where(neg_c, relu_keep_nan(vc), 0.0), axis=0)
                 p_cnt = tl.sum((neg_c & (vc > 0)).to(tl.int64), axis=0)
             if HARD_ON:
-                snc = tl.where(neg_c, S, neg_inf)
-                p_hard = tl.max(snc, axis=0)
-                p_arg = tl.min(tl.where(neg_c & (snc == p_hard[None, :]), rows[:, None], N), axis=0)
+                p_hard, p_arg = hardest(S, neg_c, rows[:, None], N, 0)
 
             sync = SYNC + h * num_c + c
             if DETERMINISTIC:
@@ -191,9 +185,9 @@ def stats_kernel(
             if HARD_ON:
                 o_hard = tl.load(C_HARD + cptr, mask=col_ok, other=neg_inf, volatile=True)
                 o_arg = tl.load(C_ARG + cptr, mask=col_ok, other=N, volatile=True)
-                better_c = (p_hard > o_hard) | ((p_hard == o_hard) & (p_arg < o_arg))
-                tl.store(C_HARD + cptr, tl.where(better_c, p_hard, o_hard), mask=col_ok)
-                tl.store(C_ARG + cptr, tl.where(better_c, p_arg, o_arg), mask=col_ok)
+                n_hard, n_arg = merge_hardest(p_hard, p_arg, o_hard, o_arg)
+                tl.store(C_HARD + cptr, n_hard, mask=col_ok)
+                tl.store(C_ARG + cptr, n_arg, mask=col_ok)
             tl.debug_barrier()  # every thread's stores are issued before the release below
             if DETERMINISTIC:
                 tl.atomic_xchg(sync, (r + 1).to(tl.int32), sem="release")
