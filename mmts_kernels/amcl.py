@@ -108,7 +108,7 @@ def amcl_loss(
     problem = validate(
         x, y, loss="max_margin", temperature=1.0, margin=0.0, hardest_negative=True, targets=targets,
         symmetric=symmetric, reduction=reduction, check_finite=check_finite, backend=backend,
-        deterministic=deterministic,
+        deterministic=deterministic, normalize=normalize,
     )
     impl = backends.resolve(backend, problem.x.device)
     xs, ys = problem.x, problem.y  # [H, N, D], [H, M, D]

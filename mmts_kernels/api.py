@@ -49,7 +49,7 @@ def contrastive_loss(
     problem = validate(
         x, y, loss=loss, temperature=temperature, margin=margin, hardest_negative=hardest_negative,
         targets=targets, symmetric=symmetric, reduction=reduction, check_finite=check_finite, backend=backend,
-        deterministic=deterministic, distributed=process_group is not None,
+        deterministic=deterministic, normalize=normalize, distributed=process_group is not None,
     )
     impl = backends.resolve(backend, problem.x.device)
     if normalize:

@@ -59,6 +59,7 @@ def distributed_loss(problem, impl, process_group):
     if world == 1:
         from .api import loss_from_problem
 
+        _check_negatives(problem.y.shape[1])
         return loss_from_problem(problem, impl)
     rank = dist.get_rank(group)
     x, y = problem.x, problem.y  # [H, n, D], [H, m, D]
@@ -67,9 +68,7 @@ def distributed_loss(problem, impl, process_group):
     n_sizes, m_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
     n_all, m_all = sum(n_sizes), sum(m_sizes)
     row_offset, col_offset = sum(n_sizes[:rank]), sum(m_sizes[:rank])
-    if m_all < 2:
-        raise ValueError(f"y must hold at least 2 samples over the process group (M={m_all}): every row needs "
-                         "a negative")
+    _check_negatives(m_all)
 
     row_request = replace(problem.request, cols=False)
     if problem.symmetric:  # n == m on every rank: gather x and y in one collective
@@ -101,6 +100,12 @@ def distributed_loss(problem, impl, process_group):
     global_count = losses.mean_count(loss=problem.loss, hardest_negative=problem.hardest_negative,
                                      anchors=2 * n_all if problem.symmetric else n_all, num_cols=m_all)
     return total * (world / global_count)
+
+
+def _check_negatives(m_all: int) -> None:
+    if m_all < 2:
+        raise ValueError(f"y must hold at least 2 samples over the process group (M={m_all}): every row needs "
+                         "a negative")
 
 
 def _check_group(process_group):

@@ -1,8 +1,10 @@
 """Loss modules in the ``torch.nn`` style: thin holders of a schedule or a temperature around ``contrastive_loss``.
 
     ContrastiveLoss   InfoNCE / max-margin with a fixed temperature (float, tensor or ``DySTreSS``) or a learnable
-                      one, parameterized as open_clip does: logit_scale = log(1/τ) is the parameter and
-                      τ = exp(−clamp(logit_scale, 0, log(max_logit_scale))), so 1/max_logit_scale ≤ τ ≤ 1.
+                      one, parameterized as open_clip does: logit_scale = log(1/τ) is the parameter, τ =
+                      exp(−logit_scale) with its full gradient, and the parameter is clamped in place to
+                      [0, log(max_logit_scale)] (open_clip clamps after each optimizer step; here at the next
+                      forward), so 1/max_logit_scale ≤ τ ≤ 1.
     MMTSLoss          MM-TS: per-sample value v_i(t) = (α/2)·cos(2πt/T) + sh(c_i), the temperature of InfoNCE or
                       the margin of max-margin, from the training-set size of each sample's cluster. The shifts
                       sh(c_i) of the whole training set are precomputed into a buffer (min/max over the training
@@ -31,7 +33,8 @@ class ContrastiveLoss(nn.Module):
 
     temperature:            float, 0-dim or [N] tensor (kept as a buffer), or ``mk.DySTreSS(...)``.
     learnable_temperature:  learn a scalar τ through ``logit_scale`` = log(1/τ) (an ``nn.Parameter`` initialized
-                            from ``temperature``), clamped to [0, log(max_logit_scale)] as open_clip does.
+                            from ``temperature``, which must lie in [1/max_logit_scale, 1]), clamped in place to
+                            [0, log(max_logit_scale)] at each forward, as open_clip clamps after each step.
     max_logit_scale:        the clamp of 1/τ (100, as CLIP / open_clip).
     Every other argument is the one of ``mk.contrastive_loss`` (``process_group`` included).
 
@@ -68,6 +71,9 @@ class ContrastiveLoss(nn.Module):
         self.register_buffer("_temperature", None)
         if learnable_temperature:
             tau = _scalar_temperature(temperature)
+            if not 1.0 / self.max_logit_scale <= tau <= 1.0:
+                raise ValueError(f"temperature: a learnable temperature must start in [1/max_logit_scale, 1] = "
+                                 f"[{1.0 / self.max_logit_scale:g}, 1], got {tau:g}")
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau)))
         elif isinstance(temperature, DySTreSS):
             self._dystress = temperature
@@ -91,7 +97,7 @@ class ContrastiveLoss(nn.Module):
     def temperature(self) -> Union[float, torch.Tensor, DySTreSS]:
         """The temperature passed to the loss (a differentiable 0-dim tensor when learnable)."""
         if self.logit_scale is not None:
-            return torch.exp(-torch.clamp(self.logit_scale, 0.0, math.log(self.max_logit_scale)))
+            return torch.exp(-self.logit_scale)
         if self._dystress is not None:
             return self._dystress
         return self._temperature if self._temperature is not None else self._fixed
@@ -101,6 +107,9 @@ class ContrastiveLoss(nn.Module):
         return self._margin if self._margin is not None else self._margin_value
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.logit_scale is not None:  # open_clip's clamp of the parameter (not of its use: gradients stay alive)
+            with torch.no_grad():
+                self.logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
         return contrastive_loss(x, y, temperature=self.temperature, margin=self.margin, targets=targets,
                                 process_group=self.process_group, **self.options)
 

@@ -52,6 +52,7 @@ def validate(
     check_finite,
     backend,
     deterministic,
+    normalize=False,
     distributed=False,
 ) -> Problem:
     """``distributed``: the batch is one rank's share; checks that need the global batch (M ≥ 2) are left to
@@ -60,7 +61,7 @@ def validate(
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)
     for name, flag in (("hardest_negative", hardest_negative), ("symmetric", symmetric),
-                       ("check_finite", check_finite)):
+                       ("check_finite", check_finite), ("normalize", normalize)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if deterministic is not None and not isinstance(deterministic, bool):
@@ -178,16 +179,18 @@ def _per_sample(name: str, value: Union[float, torch.Tensor], H: int, N: int, de
         if value.shape not in ((), (N,), (H, N)):
             allowed = "[], [N]" + (" or [H, N]" if H > 1 else "")
             raise ValueError(f"{name} must have shape {allowed} with N={N}, H={H}; got {tuple(value.shape)}")
-        if checking_values and value.numel() > 0:
-            ok = torch.isfinite(value).all() & ((value > 0).all() if positive else True)
+        cast = value.to(cdt)  # checked after the cast: 1e-50 is > 0 in fp64 but 0 in fp32
+        if checking_values and cast.numel() > 0:
+            ok = torch.isfinite(cast).all() & ((cast > 0).all() if positive else True)
             if not bool(ok):
-                raise ValueError(f"{name} must be {rule}; got values in "
+                raise ValueError(f"{name} must be {rule} in {cdt}; got values in "
                                  f"[{float(value.min())}, {float(value.max())}]")
-        return value.to(cdt).expand(H, N)
+        return cast.expand(H, N)
     if isinstance(value, bool) or not isinstance(value, Real):
         kinds = "a float, a 0-dim or [N] tensor" + (" or mk.DySTreSS(...)" if positive else "")
         raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be {rule}, got {value}")
-    return torch.full((1, 1), value, dtype=cdt, device=device).expand(H, N)
+    cast = torch.tensor(value, dtype=torch.float64).to(cdt)  # 1e300 is finite in fp64, inf in fp32
+    if not bool(torch.isfinite(cast)) or (positive and not bool(cast > 0)):
+        raise ValueError(f"{name} must be {rule} in {cdt}, got {value}")
+    return cast.to(device).view(1, 1).expand(H, N)

@@ -356,3 +356,19 @@ def test_process_group_needs_initialized_distributed():
     x, y = torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="process_group"):
         mk.info_nce(x, y, process_group=object())
+
+
+def test_single_rank_group_still_needs_negatives(tmp_path):
+    """A one-process group takes the local shortcut; it must still refuse a batch without negatives (§7)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        x, y = torch.randn(1, 3), torch.randn(1, 3)
+        for kw in (dict(loss="infonce"), dict(loss="max_margin"), dict(loss="max_margin", hardest_negative=True)):
+            with pytest.raises(ValueError, match="negative"):
+                mk.contrastive_loss(x, y, process_group=dist.group.WORLD, **kw)
+        two = torch.randn(2, 3)
+        torch.testing.assert_close(mk.info_nce(two, two + 1, process_group=dist.group.WORLD), mk.info_nce(two, two + 1))
+    finally:
+        dist.destroy_process_group()

@@ -84,11 +84,18 @@ def test_learnable_temperature_is_log_parameterized_and_clamped():
     crit(x, y).backward()
     assert crit.logit_scale.grad is not None and float(crit.logit_scale.grad) != 0.0
     with torch.no_grad():
-        crit.logit_scale.fill_(10.0)  # 1/τ = e^10 > 100: clamped at 100, no gradient past the clamp
+        crit.logit_scale.fill_(10.0)  # an optimizer step pushed 1/τ = e^10 past 100
     crit.logit_scale.grad = None
+    crit(x, y).backward()  # as open_clip: the parameter itself is clamped (here at the next forward) ...
+    assert float(crit.logit_scale.detach()) == pytest.approx(math.log(100))
     assert float(crit.temperature.detach()) == pytest.approx(0.01)
-    crit(x, y).backward()
-    assert float(crit.logit_scale.grad) == 0.0
+    assert float(crit.logit_scale.grad) != 0.0  # ... and its gradient stays alive, so it can move back
+
+
+@pytest.mark.parametrize("tau", [0.005, 2.0])
+def test_learnable_temperature_must_start_inside_the_clamp(tau):
+    with pytest.raises(ValueError, match="temperature"):
+        ContrastiveLoss(tau, learnable_temperature=True)
 
 
 def test_process_group_is_forwarded(monkeypatch):

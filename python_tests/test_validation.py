@@ -55,6 +55,11 @@ BAD = [
     (dict(x=x4, y=y4, symmetric="yes"), TypeError, "symmetric"),
     (dict(x=x4, y=y4, deterministic=1), TypeError, "deterministic"),
     (dict(x=torch.randn(4, 0), y=torch.randn(4, 0)), ValueError, "x"),
+    (dict(x=x4, y=y4, normalize="no"), TypeError, "normalize"),
+    (dict(x=x4, y=y4, temperature=1e-50), ValueError, "temperature"),  # > 0 in fp64, 0 in fp32
+    (dict(x=x4, y=y4, temperature=torch.full((4,), 1e-50, dtype=torch.float64)), ValueError, "temperature"),
+    (dict(x=x4, y=y4, temperature=1e300), ValueError, "temperature"),  # finite in fp64, inf in fp32
+    (dict(x=x4, y=y4, loss="max_margin", margin=1e300), ValueError, "margin"),
 ]
 
 
