@@ -170,6 +170,14 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
           Tensor St = tile_view(buf, br, bc);
           at::mm_out(St, xb, Y.narrow(0, c0, bc).t());
           const T* S = St.const_data_ptr<T>();
+          // pos_i from the tile: the very S_{i,t_i} the lse saw, so that lse_i − pos_i/τ_i cancels its rounding
+          // (the pre-pass dot rounds differently, an error the 1/τ would amplify). Each row is this thread's.
+          // Not with a hinge, which reads the pre-pass pos while the sweep runs.
+          if (o.lse && !o.hinge)
+            for (int64_t i = 0; i < br; ++i) {
+              const int64_t t = tgt[r0 + i] - c0;
+              if (t >= 0 && t < bc) pos[r0 + i] = S[i * bc + t];
+            }
           if (o.lse) {
             T* Z = o.dys ? zbuf.data_ptr<T>() : nullptr;
 #define MMTS_FWD_LSE(C, DY, W) \

@@ -56,14 +56,16 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
     if LSE_ON:
         if DYSTRESS:
             tau_r = dystress_tau(S, tau_min, tau_half_range)
-            tau_c = tau_r
         else:
             tau_r = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)[:, None]
-            tau_c = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)[None, :]
         lse_r = tl.load(LSE + rv, mask=row_ok, other=0.0)
         g_r = tl.load(G_LSE + rv, mask=row_ok, other=0.0)
         ds += g_r[:, None] * tl.exp(S / tau_r - lse_r[:, None]) / tau_r
-        if COLS:
+        if COLS:  # τ_j of column j: a per-sample τ has N = M entries only in this square case
+            if DYSTRESS:
+                tau_c = tau_r
+            else:
+                tau_c = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)[None, :]
             lse_c = tl.load(LSE_C + cv, mask=col_ok, other=0.0)
             g_c = tl.load(G_LSE_C + cv, mask=col_ok, other=0.0)
             ds += g_c[None, :] * tl.exp(S / tau_c - lse_c[None, :]) / tau_c

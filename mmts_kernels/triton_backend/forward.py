@@ -93,6 +93,7 @@ def stats_kernel(
     w_run = tl.zeros((BLOCK_N,), ACC)
     hinge_run = tl.zeros((BLOCK_N,), ACC)
     cnt_run = tl.zeros((BLOCK_N,), tl.int64)
+    pos_run = tl.zeros((BLOCK_N,), ACC)  # S_{i,t_i} as the tile computes it (see below)
     hard_run = tl.full((BLOCK_N,), neg_inf, ACC)
     arg_run = tl.zeros((BLOCK_N,), tl.int64) + M  # "no negative yet": above every column index
 
@@ -111,6 +112,8 @@ def stats_kernel(
 
         # ---- rows: fold the tile into the running statistics of this program's rows
         if LSE_ON:
+            # exactly one tile holds column t_i, and 0 + v = v: pos_run ends as that tile's S_{i,t_i}
+            pos_run += tl.sum(tl.where(valid & (cols[None, :] == t[:, None]), S, 0.0), axis=1)
             if DYSTRESS:
                 tau_ij = dystress_tau(S, tau_min, tau_half_range)
                 z = S / tau_ij
@@ -197,6 +200,10 @@ def stats_kernel(
     out = h * N + rows
     if LSE_ON:
         tl.store(LSE + out, m_run + tl.log(l_run), mask=row_ok)
+        if not HINGE_ON:  # other programs read POS only for the column hinge
+            # the positive the lse saw, bit for bit: lse_i − pos_i/τ_i then cancels its rounding, which the
+            # pre-pass dot (another summation order) would not, an error amplified by 1/τ
+            tl.store(POS + out, pos_run, mask=row_ok)
         if WS_ON:
             tl.store(WS + out, w_run / l_run, mask=row_ok)
     if HINGE_ON:

@@ -1,9 +1,15 @@
-"""NaN in the inputs propagates as NaN (DESIGN §7), the same way in every backend: a NaN in one negative reaches
-exactly the per-anchor terms whose statistics include it, including the hardest negative (a NaN is the max)."""
+"""Contracts every backend meets the same way, beyond the hypothesis comparisons of each backend's own file.
+
+- NaN in the inputs propagates as NaN (DESIGN §7): a NaN in one negative reaches exactly the per-anchor terms whose
+  statistics include it, including the hardest negative (a NaN is the max).
+- The positive logit in lse_i − pos_i/τ_i is the very S_{i,t_i} the log-sum-exp saw, so its rounding cancels: on
+  near-duplicate pairs at a small τ an InfoNCE term is never negative.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmts_kernels as mk
 from support import backend_marker, test_device as device_for
@@ -27,3 +33,16 @@ def test_nan_in_one_negative(backend, symmetric, kw):
     assert torch.equal(got.isnan(), want.isnan()), (got, want)
     assert want.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_infonce_terms_are_never_negative(backend, symmetric):
+    g = torch.Generator().manual_seed(0)
+    N, D = 40, 40
+    x = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    y = F.normalize(x + 0.3 * torch.randn(N, D, generator=g) / D**0.5, dim=-1)  # every positive wins by far
+    extra = {} if symmetric else dict(symmetric=False, targets=torch.arange(N))
+    dev = device_for(backend)
+    terms = mk.info_nce(x.to(dev), y.to(dev), 1e-3, reduction="none", backend=backend, **extra)
+    assert (terms >= 0).all(), terms.min()
