@@ -15,8 +15,9 @@
 //     A chunk owns its rows' statistics outright and keeps its own O(M) column accumulators; the G column
 //     accumulators are merged in chunk order at the end. G does not depend on the thread count, so the
 //     forward is bitwise identical for any number of threads.
-//   - backward, default: one task per thread, each with its own dy buffer (O(threads·M·D)), summed in task
-//     order: four GEMMs per tile pair in total, deterministic for a given thread count.
+//   - backward, default with up to 8 threads: one task per thread, each with its own dy buffer (O(threads·M·D)),
+//     summed in task order: four GEMMs per tile pair in total, deterministic for a given thread count. With more
+//     threads the two-pass schedule below (no per-thread buffer) is used.
 //   - backward, deterministic=True: dx in a pass parallel over row blocks, dy in a second pass parallel over
 //     column blocks (S is recomputed once more), each block's sum in a fixed order: bitwise identical for any
 //     thread count, no O(threads·M·D) buffer.
@@ -326,7 +327,10 @@ void backward_tiles(const Tensor& X, const Tensor& Y, const BwdHead<T>& h, const
   auto rows = [&](int64_t rb) { return std::make_pair(rb * o.BR, std::min(o.BR, N - rb * o.BR)); };
   auto cols = [&](int64_t cb) { return std::make_pair(cb * o.BC, std::min(o.BC, M - cb * o.BC)); };
 
-  if (o.deterministic) {
+  // Per-thread dy buffers cost O(threads·M·D): past kMaxDyBuffers threads (big hosts) the two-pass schedule, one
+  // more recompute of S and no buffer, keeps the extra memory O((N+M)·D) however many cores there are.
+  constexpr int64_t kMaxDyBuffers = 8;
+  if (o.deterministic || at::get_num_threads() > kMaxDyBuffers) {
     at::parallel_for(0, nrb, 1, [&](int64_t b, int64_t e) {  // dx: row blocks in parallel
       Tensor sbuf = at::empty({o.BR * o.BC}, opt), dbuf = at::empty({o.BR * o.BC}, opt);
       for (int64_t rb = b; rb < e; ++rb) {

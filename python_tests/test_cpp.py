@@ -265,6 +265,20 @@ def test_one_thread_and_two_threads_agree(deterministic):
         assert all(torch.equal(a, b) for al, bl in zip(two, again) for a, b in zip(al, bl))
 
 
+def test_many_threads_use_the_bufferless_backward():
+    """Past 8 threads the default backward drops its per-thread dy buffers for the two-pass schedule, which is
+    thread-count independent: bitwise equal to deterministic=True on one thread."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(12)
+        many = _run_all(False)
+        torch.set_num_threads(1)
+        one = _run_all(True)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for al, bl in zip(many, one) for a, b in zip(al, bl))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Memory
 
