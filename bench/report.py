@@ -149,7 +149,7 @@ def format_table(rows: List[dict]) -> str:
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in body]
     g = gemm_lines(rows)
     if g:
-        out += ["", "GEMM ceiling (one bare N×D·D×N matmul):"]
+        out += ["", "GEMM rate (one bare N×D·D×N matmul, its N×N output written to memory):"]
         out += [f"  {l['dtype']:>9} N={l['N']:<6d} D={l['D']:<5d} {_fmt(l['ms'], '.2f')} ms  "
                 f"{_fmt(l['tflops'], '.3f')} TFLOP/s  {l['note']}".rstrip() for l in g]
     return "\n".join(out)
@@ -207,7 +207,7 @@ def plot(rows: List[dict], path: str, title: str = "") -> Optional[str]:
                    if r["backend"] == GEMM and r["dtype"] == dtype and r["D"] == D and _finite(r["ms_median"]))
         if g:  # fwd+bwd does 8·N²·D flops = 4 bare GEMMs: the time it would take at the GEMM rate
             ax_t.plot([n for n, _ in g], [4 * ms for _, ms in g], linestyle="--", color="gray",
-                      label="ceiling: 8·N²·D flops at the GEMM rate")
+                      label="8·N²·D flops at the bare-GEMM rate")
         ax_t.set_title(f"{loss}, {dtype}, D={D}: forward+backward time", fontsize=10)
         ax_m.set_title(f"{loss}, {dtype}, D={D}: forward+backward peak memory", fontsize=10)
         ax_t.set_ylabel("ms (median)")
