@@ -246,14 +246,8 @@ def _run_all(deterministic: bool):
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_one_thread_and_two_threads_agree(deterministic):
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _run_all(deterministic)
-        torch.set_num_threads(2)
-        two = _run_all(deterministic)
-    finally:
-        torch.set_num_threads(before)
+    one = _with_threads(1, deterministic)
+    two = _with_threads(2, deterministic)
     for a_list, b_list in zip(one, two):
         for a, b in zip(a_list, b_list):
             if deterministic:
@@ -265,17 +259,19 @@ def test_one_thread_and_two_threads_agree(deterministic):
         assert all(torch.equal(a, b) for al, bl in zip(two, again) for a, b in zip(al, bl))
 
 
+def _with_threads(n: int, deterministic: bool):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return _run_all(deterministic)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_many_threads_use_the_bufferless_backward():
     """Past 8 threads the default backward drops its per-thread dy buffers for the two-pass schedule, which is
     thread-count independent: bitwise equal to deterministic=True on one thread."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(12)
-        many = _run_all(False)
-        torch.set_num_threads(1)
-        one = _run_all(True)
-    finally:
-        torch.set_num_threads(before)
+    many, one = _with_threads(12, False), _with_threads(1, True)
     assert all(torch.equal(a, b) for al, bl in zip(many, one) for a, b in zip(al, bl))
 
 
