@@ -7,7 +7,6 @@ read the data once; they are skipped while ``torch.compile`` traces, where they 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Union

@@ -174,13 +174,16 @@ def test_modules_under_torch_compile_aot_autograd():
         torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mmts_int_steps", "learnable", "dystress", "amcl"])
+@pytest.mark.parametrize("name", ["mmts_int_steps", "learnable", "fixed_float", "dystress", "amcl"])
 def test_modules_under_torch_compile_eager_backend(name):
     torch._dynamo.reset()
     x, y = batch(dtype=torch.float32)
     if name == "mmts_int_steps":  # a Python int step: one recompile (0 → dynamic), then no more
         crit = MMTSLoss(SIZES, total_steps=100, loss="max_margin", backend="torch")
         calls = [((x, y), dict(step=s, index=torch.arange(5))) for s in (0, 1, 2, 3)]
+    elif name == "fixed_float":  # Python-float τ and margin: their validation must not break the graph
+        crit = ContrastiveLoss(0.07, loss="max_margin", margin=0.3, backend="torch")
+        calls = [((x, y), {})]
     elif name == "learnable":
         crit, calls = ContrastiveLoss(learnable_temperature=True, backend="torch"), [((x, y), {})]
     elif name == "dystress":
