@@ -1,5 +1,6 @@
-"""Shared test support: the one CUDA skip marker, hypothesis strategies for loss cases, and the comparison of any
-backend against the float64 reference (values and every gradient), imported by every test file."""
+"""Shared test support, imported by every test file: the one CUDA skip marker, which backends must run here (CI)
+and the skip marker of the others, hypothesis strategies for loss cases, and the comparison of any backend against
+the float64 reference (values and every gradient)."""
 from __future__ import annotations
 
 import functools
@@ -19,10 +20,48 @@ from mmts_kernels.validation import validate
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Which backends must run. On a user's machine a backend that cannot run (no compiler, no GPU) skips its tests with
+# the library's reason. In CI a skip would hide a broken backend, so there the backends CI is meant to run are
+# *required*: conftest.py stops the session with an error before any test runs if one of them cannot run, and
+# backend_marker never skips them.
+
+REQUIRE_ENV = "MMTS_KERNELS_REQUIRE_BACKENDS"
+# CI=true without MMTS_KERNELS_REQUIRE_BACKENDS: the CPU-only CI machine runs cpp natively and triton under its
+# interpreter.
+CI_DEFAULT_REQUIRED = ("cpp", "triton")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def required_backends() -> frozenset:
+    """The backends whose tests must run here: MMTS_KERNELS_REQUIRE_BACKENDS ("cpp triton", "cpp,triton", or ""
+    for none) when set, else ``CI_DEFAULT_REQUIRED`` under CI=true, else none."""
+    spec = os.environ.get(REQUIRE_ENV)
+    if spec is None:
+        return frozenset(CI_DEFAULT_REQUIRED) if in_ci() else frozenset()
+    names = frozenset(spec.replace(",", " ").split())
+    unknown = names - set(mk.available_backends())
+    if unknown:
+        raise ValueError(f"{REQUIRE_ENV} names unknown backends {sorted(unknown)}; "
+                         f"known: {sorted(mk.available_backends())}")
+    return names
+
+
+def missing_required_backends() -> dict:
+    """backend -> why it cannot run, for every required backend that cannot run here (empty when all can)."""
+    reasons = mk.available_backends()
+    return {name: reasons[name] for name in sorted(required_backends()) if reasons[name] is not None}
+
+
 def backend_marker(name: str):
-    """Skip a test when backend ``name`` cannot run on any device here, with the library's own reason."""
+    """Skip a test when backend ``name`` cannot run on any device here, with the library's own reason — unless the
+    backend is required (CI): then the test runs, and fails on the backend's own error."""
     reason = mk.available_backends()[name]
-    return pytest.mark.skipif(reason is not None, reason=f"backend {name!r} unavailable: {reason}")
+    skip = reason is not None and name not in required_backends()
+    return pytest.mark.skipif(skip, reason=f"backend {name!r} unavailable: {reason}")
 
 
 def test_device(backend: str) -> torch.device:

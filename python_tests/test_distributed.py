@@ -18,13 +18,15 @@ import itertools
 import math
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import pytest
 import torch
 
 import mmts_kernels as mk
+from mmts_kernels import backends
+from support import backend_marker
 
 DIN, D = 6, 5  # encoder input and embedding sizes
 WORLD_SIZES = (2, 3)
@@ -75,6 +77,21 @@ def _cases() -> list[Case]:
         Case("infonce-learnable-scalar-heads-sum", mode="learnable_scalar", heads=2, reduction="sum", seed=107),
         Case("infonce-auto-backend-f32", backend="auto", dtype=torch.float32, seed=108),
         Case("max_margin-auto-backend-f32", loss="max_margin", backend="auto", dtype=torch.float32, seed=109),
+        # Through the fused backends by name (cpp in float64: it matches the reference to 1e-12).
+        Case("cpp-max_margin_hardest-sym", loss="max_margin", hardest=True, mode="learnable_per_sample",
+             backend="cpp", seed=120),
+        Case("cpp-max_margin_hardest-onedir-heads-sum", loss="max_margin", hardest=True, symmetric=False,
+             reduction="sum", mode="fixed_per_sample", heads=2, backend="cpp", seed=121),
+        Case("cpp-infonce-onedir-none", symmetric=False, reduction="none", mode="learnable_per_sample",
+             backend="cpp", seed=122),
+        Case("cpp-infonce-learnable-scalar", mode="learnable_scalar", backend="cpp", seed=123),
+        Case("cpp-infonce-dystress-f32", mode="dystress", dtype=torch.float32, backend="cpp", seed=124),
+        Case("cpp-module-contrastive-learnable-tau", mode="float", module="contrastive", backend="cpp", seed=125),
+        # triton under its interpreter on the CPU (slow: few, tiny cases).
+        Case("triton-infonce-learnable-f32", mode="learnable_per_sample", dtype=torch.float32, backend="triton",
+             seed=130),
+        Case("triton-max_margin_hardest-onedir-f32", loss="max_margin", hardest=True, symmetric=False,
+             mode="learnable_per_sample", dtype=torch.float32, backend="triton", seed=131),
         Case("module-contrastive-learnable-tau", mode="float", module="contrastive", seed=110),
         Case("module-contrastive-ddp-f32", mode="float", module="contrastive", ddp=True, dtype=torch.float32,
              seed=111),
@@ -188,7 +205,9 @@ def loss_kwargs(case: Case, value, targets):
 
 
 def single_process(case: Case, world: int):
-    """Loss and parameter gradients of one process on the concatenated batch, in float64."""
+    """Loss and parameter gradients of one process on the concatenated batch, in float64, on the torch reference
+    whatever backend the ranks use."""
+    case = replace(case, backend="torch")
     model, a, b, fixed, targets, upstream, index = build(case, world)
     x, y, value = model(a, b, fixed)
     out = compute_loss(case, x, y, value, None if targets is None else targets["global"], index, None)
@@ -236,7 +255,9 @@ def _run_case(case: Case, rank: int, world: int, group):
         if p.grad is not None:
             torch.distributed.all_reduce(p.grad, group=group)
             p.grad /= world
-    return {"out": out.detach(), "grads": _grads(model, module)}
+    # The backend that actually ran ("auto" must not quietly fall back to torch where cpp should run).
+    chosen = backends.resolve(case.backend, x.device).__name__
+    return {"out": out.detach(), "grads": _grads(model, module), "backend": chosen}
 
 
 def _worker(rank: int, world: int, tmpdir: str, cases: list) -> None:
@@ -304,10 +325,17 @@ def _tol(case: Case) -> float:
     return 1e-5 if case.dtype == torch.float32 else 1e-10
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def _param(case: Case):
+    marks = backend_marker(case.backend) if case.backend in ("cpp", "triton") else ()
+    return pytest.param(case, marks=marks, id=case.name)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_matches_single_process(group_results, case):
     world, results = group_results
     _raise_worker_error(results, case)
+    expected = backends.resolve(case.backend, torch.device("cpu")).__name__  # "auto": cpp wherever it runs
+    assert [results[r][case.name]["backend"] for r in range(world)] == [expected] * world
     ref_out, ref_grads = single_process(case, world)
     outs = [results[r][case.name]["out"] for r in range(world)]
     expected_dtype = torch.float32 if case.dtype == torch.float32 else torch.float64

@@ -90,20 +90,56 @@ def test_dystress_arguments():
         mk.DySTreSS(0.1, "0.2")
 
 
-def test_unavailable_backend_says_why():
+def test_available_backends_reports_every_backend():
     reasons = mk.available_backends()
     assert set(reasons) == {"torch", "triton", "cpp"} and reasons["torch"] is None
-    for name, reason in reasons.items():
+    for reason in reasons.values():
         assert reason is None or isinstance(reason, str) and reason
-        if reasons[name] is not None:
-            with pytest.raises(ValueError, match=name):
-                mk.info_nce(x4, y4, backend=name)
 
 
-def test_auto_falls_back_to_a_backend_that_runs_here():
-    chosen = backends.resolve("auto", x4.device)
-    assert chosen.unavailable_reason(x4.device) is None
-    assert torch.isfinite(mk.info_nce(x4, y4))
+def make_unavailable(monkeypatch, name: str, reason: str) -> None:
+    """Backend ``name`` reports ``reason`` on every device, as it would without its compiler, GPU or package."""
+    monkeypatch.setattr(backends._LOADED[name], "unavailable_reason", lambda device=None: reason)
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_unavailable_backend_says_why(monkeypatch, name):
+    make_unavailable(monkeypatch, name, "simulated: its toolchain is missing")
+    assert mk.available_backends()[name] == "simulated: its toolchain is missing"
+    with pytest.raises(ValueError, match=f"backend='{name}'.*simulated: its toolchain is missing"):
+        mk.info_nce(x4, y4, backend=name)
+
+
+def test_auto_falls_back_to_torch_when_cpp_cannot_run(monkeypatch):
+    make_unavailable(monkeypatch, "cpp", "simulated: no C++ compiler")
+    assert backends.resolve("auto", torch.device("cpu")).__name__ == "mmts_kernels.reference"
+    torch.testing.assert_close(mk.info_nce(x4, y4), mk.info_nce(x4, y4, backend="torch"), rtol=0, atol=0)
+
+
+def test_auto_uses_cpp_on_the_cpu_when_it_runs():
+    expected = "mmts_kernels.cpp_backend" if mk.available_backends()["cpp"] is None else "mmts_kernels.reference"
+    assert backends.resolve("auto", torch.device("cpu")).__name__ == expected
+
+
+def test_auto_uses_triton_for_cuda_tensors_and_refuses_without_it(monkeypatch):
+    """The choice for CUDA tensors, decided without a GPU: triton when it runs, else torch."""
+    monkeypatch.setattr(backends._LOADED["triton"], "unavailable_reason", lambda device=None: None)
+    assert backends.resolve("auto", torch.device("cuda")).__name__ == "mmts_kernels.triton_backend"
+    make_unavailable(monkeypatch, "triton", "simulated: triton is not installed")
+    assert backends.resolve("auto", torch.device("cuda")).__name__ == "mmts_kernels.reference"
+
+
+def test_mixed_devices_without_a_gpu():
+    """The device checks run on shapes and devices only, so the "meta" device exercises them on any machine."""
+    meta4 = torch.empty(4, 3, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        mk.info_nce(x4, meta4)
+    with pytest.raises(ValueError, match="temperature.*device"):
+        mk.info_nce(meta4, meta4, torch.full((4,), 0.1))
+    with pytest.raises(ValueError, match="margin.*device"):
+        mk.max_margin(meta4, meta4, torch.full((4,), 0.1))
+    with pytest.raises(ValueError, match="targets.*device"):
+        mk.info_nce(meta4, meta4, symmetric=False, targets=torch.arange(4))
 
 
 @requires_cuda
@@ -112,6 +148,30 @@ def test_mixed_devices():
         mk.info_nce(x4, y4.cuda())
     with pytest.raises(ValueError, match="temperature"):
         mk.info_nce(x4.cuda(), y4.cuda(), torch.full((4,), 0.1))
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_deterministic_none_follows_torch_setting(monkeypatch, enabled):
+    """deterministic=None asks the backend for what torch.are_deterministic_algorithms_enabled() says; an explicit
+    value wins over it."""
+    from mmts_kernels import reference
+
+    seen = []
+    real = reference.compute_stats
+
+    def spy(x, y, tau, margin, targets, request, **kw):
+        seen.append(request.deterministic)
+        return real(x, y, tau, margin, targets, request, **kw)
+
+    monkeypatch.setattr(reference, "compute_stats", spy)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        mk.info_nce(x4, y4, backend="torch")
+        mk.info_nce(x4, y4, backend="torch", deterministic=not enabled)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [enabled, not enabled]
 
 
 def test_validation_runs_before_any_backend(monkeypatch):
