@@ -1,421 +1,374 @@
-"""`python -m bench.longtail`: a controlled long-tail retrieval experiment — does a per-sample temperature or
-margin from the size of a sample's semantic cluster (MM-TS) change retrieval of head, middle and tail clusters?
+"""`python -m bench.longtail`: can a per-sample temperature (or margin) tied to the size of a sample's semantic
+cluster (MM-TS) be credited with better long-tail retrieval — and is the credit due to tying it to cluster size?
 
-Data (synthetic, paired, two modalities). K latent semantic clusters whose sizes follow a Zipf law,
-n_k ∝ k^(−s). Sample i of cluster c_i has a latent z_i = μ_{c_i} + σ_w·ε_i (μ_k: random cluster centres; ε_i: the
-instance detail that tells pairs of one cluster apart). The two modalities see z_i through different fixed random
-non-linear maps plus independent noise: x_i = tanh(A z_i) + σ_n·ξ_i, y_i = tanh(B z_i) + σ_n·ξ'_i. Each cluster is
-split 80/20 into training and held-out pairs (at least 2 held out per cluster).
+PRIMARY METRIC (declared before any run, printed by every run): test nDCG over all queries (class-balanced gallery,
+x→y and y→x averaged), and the primary contrast MM-TS − TS (InfoNCE). The attribution is read from the controls:
+MM-TS − (TS at MM-TS's mean τ), MM-TS − (MM-TS, shifts shuffled), MM-TS − (MM-TS, reversed). Every other metric,
+group and contrast is secondary.
 
-Model: two MLP towers (x → embedding, y → embedding), L2-normalized outputs, Adam, batches drawn uniformly
-from the training pairs (so head clusters dominate batches, as in real data).
+Data, metrics: `bench.longtail_data` (head clusters full of near-duplicates, i.e. false negatives; class-balanced
+validation / test splits with EK-100-style graded relevance). Schedules, controls, training: `bench.longtail_methods`.
+Statistics: `bench.longtail_stats` (paired differences over seeds, 95% t-intervals).
 
-Methods — for each seed all of them share the data, the initial weights, the batch order and the step count:
-  (a) fixed-τ     InfoNCE, τ = 0.1
-  (b) TS          InfoNCE, τ(t) = mk.schedules.cosine_temperature(t, 0.05, 0.15, period)
-  (c) MM-TS       InfoNCE, τ_i(t) = mk.schedules.mmts_temperature(t, period, n_{c_i}, α=0.10, sh ∈ [0.08, 0.12])
-  (d) max-margin  fixed margin 0.2
-  (e) MM-TS-mm    max-margin, per-sample margin m_i(t) = mmts_temperature(t, period, n_{c_i}, α=0.20,
-                  sh ∈ [0.16, 0.24])
-Fairness: τ schedules share the centre 0.1 and the oscillation amplitude ±0.05 of TS (MM-TS adds its per-sample
-shift ±0.02 around it), margins are the InfoNCE setting scaled ×2 around the 0.2 baseline; TS and MM-TS use the same
-period (steps / 5, the MM-TS default of 5 oscillations). The MM-TS shift uses the cluster sizes n_c over the whole
-training set (min and max over all clusters), so it does not depend on the batch. Nothing was tuned per method.
+Protocol
+  1. Tuning, the same budget for every tuned method: a grid of GRID_SIZE settings (τ for fixed τ, [τ_min, τ_max]
+     for TS, α and the shift range for MM-TS; the same for margins), each trained on the tuning seeds (data worlds
+     1000, 1001, … — never the evaluation seeds) and scored by the primary metric on their *validation* split;
+     the best mean wins. The controls take MM-TS's tuned setting and are not tuned themselves.
+  2. Evaluation: every row on evaluation seeds 0 … S−1 (for a seed, every row shares the data, the initial weights
+     and the batch order), scored on the *test* split; paired differences with 95% t-intervals.
+  3. Dose–response (InfoNCE): for Zipf exponents s and shift-range widths w (fractions of the widest range that
+     keeps τ ≥ 0.01 around the tuned MM-TS's centre, tuned α), MM-TS − TS (tuned), MM-TS − recentred and
+     MM-TS − shuffled on the primary metric. If the mechanism is real, the gaps grow with w and s.
 
-Evaluation on the held-out pairs: x → y and y → x retrieval (each query's own partner is the positive), R@1/5/10
-averaged over the two directions, overall and for the queries of head, middle and tail clusters (terciles of the
-clusters ranked by training size); mean ± std over seeds. Also the cluster-level mAP (relevance: same cluster).
-Outputs: a table on stdout, bench/results/longtail-<date>[-quick].md and .png.
+Results never overwrite anything: the default output is a new time-stamped file under build/longtail/ (git-ignored);
+`--out PATH` names the file (it must not exist). The file records the command, CPU, date, wall time and load.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import datetime
-import math
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Dict, List
+from dataclasses import dataclass, replace
+from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 
-import mmts_kernels as mk
-from mmts_kernels import metrics
-
+from .longtail_data import GROUPS, METRICS, DataConfig, evaluate, make_data
+from .longtail_methods import Schedule, TrainConfig, default_backend, recentred, train
+from .longtail_stats import paired_interval
 from .progress import progress
 
-METHODS = ("fixed-tau", "TS", "MM-TS", "max-margin", "MM-TS-mm")
-TERCILES = ("overall", "head", "middle", "tail")
-KS = (1, 5, 10)
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PRIMARY = "overall nDCG"
+PRIMARY_CONTRAST = ("MM-TS", "TS")
+GRID_SIZE = 6
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tuned rows: (loss, grid). Every grid has GRID_SIZE settings: the same tuning budget per method. The MM-TS grids
+# hold the official settings (argparse default α = 0.08, sh ∈ [0.05, 0.20]; EK-100 α = 0.2, sh ∈ [0.17, 0.30]) and
+# cover mean values (≈ sh_min + 0.35·(sh_max − sh_min) over the training samples here) like the other grids.
+TUNED: Dict[str, Tuple[str, List[Schedule]]] = {
+    "fixed τ": ("infonce", [Schedule("fixed", (v,)) for v in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)]),
+    "TS": ("infonce", [Schedule("cosine", p) for p in ((0.05, 0.15), (0.1, 0.2), (0.1, 0.3), (0.2, 0.4),
+                                                       (0.05, 0.3), (0.1, 1.0))]),
+    "MM-TS": ("infonce", [Schedule("mmts", p) for p in ((0.08, 0.05, 0.20), (0.2, 0.17, 0.30), (0.04, 0.08, 0.30),
+                                                        (0.1, 0.1, 0.3), (0.04, 0.15, 0.40), (0.08, 0.05, 0.35))]),
+    "fixed m": ("max_margin", [Schedule("fixed", (v,)) for v in (0.1, 0.2, 0.3, 0.4, 0.6, 0.8)]),
+    "cosine m": ("max_margin", [Schedule("cosine", p) for p in ((0.1, 0.3), (0.2, 0.4), (0.3, 0.5), (0.1, 0.6),
+                                                                (0.2, 0.8), (0.4, 0.6))]),
+    "MM-TS m": ("max_margin", [Schedule("mmts", p) for p in ((0.08, 0.05, 0.20), (0.2, 0.17, 0.30), (0.2, 0.2, 0.5),
+                                                             (0.1, 0.3, 0.6), (0.08, 0.1, 0.6), (0.2, 0.3, 0.8))]),
+}
+# Controls: (the tuned MM-TS row they ablate, what they change; see bench.longtail_methods).
+CONTROLS: Dict[str, Tuple[str, str]] = {
+    "TS at MM-TS's mean τ": ("MM-TS", "recentred"),
+    "MM-TS, shifts shuffled": ("MM-TS", "shuffled"),
+    "MM-TS, reversed": ("MM-TS", "reversed"),
+    "cosine m at MM-TS m's mean": ("MM-TS m", "recentred"),
+    "MM-TS m, shifts shuffled": ("MM-TS m", "shuffled"),
+    "MM-TS m, reversed": ("MM-TS m", "reversed"),
+}
+ROWS = ("fixed τ", "TS", "MM-TS", "TS at MM-TS's mean τ", "MM-TS, shifts shuffled", "MM-TS, reversed",
+        "fixed m", "cosine m", "MM-TS m", "cosine m at MM-TS m's mean", "MM-TS m, shifts shuffled",
+        "MM-TS m, reversed")
+COMPARISONS = (PRIMARY_CONTRAST, ("MM-TS", "TS at MM-TS's mean τ"), ("MM-TS", "MM-TS, shifts shuffled"),
+               ("MM-TS", "MM-TS, reversed"), ("MM-TS", "fixed τ"), ("TS", "fixed τ"),
+               ("MM-TS m", "cosine m"), ("MM-TS m", "cosine m at MM-TS m's mean"),
+               ("MM-TS m", "MM-TS m, shifts shuffled"), ("MM-TS m", "MM-TS m, reversed"), ("MM-TS m", "fixed m"))
+COLUMNS = (PRIMARY, "head nDCG", "middle nDCG", "tail nDCG", "overall mAP", "overall R@1", "overall R@10",
+           "tail R@1")
+TAU_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
-class Config:
-    clusters: int = 60
-    samples: int = 16000        # training + held-out pairs, before the per-cluster minimum
-    zipf: float = 1.1
-    min_cluster: int = 8        # every cluster keeps at least this many pairs
-    latent_dim: int = 16
-    within: float = 0.6         # σ_w, relative to unit-norm cluster centres scaled by `spread`
-    spread: float = 2.0
-    noise: float = 0.6          # σ_n on each modality
-    feature_dim: int = 64
-    hidden: int = 256
-    embed_dim: int = 32
-    steps: int = 1500
-    batch: int = 256
-    lr: float = 2e-3
-    seeds: int = 5
-    # schedules
-    tau: float = 0.1
-    ts_min: float = 0.05
-    ts_max: float = 0.15
-    mmts_alpha: float = 0.10
-    mmts_shift: tuple = (0.08, 0.12)
-    margin: float = 0.2
-    mm_alpha: float = 0.20
-    mm_shift: tuple = (0.16, 0.24)
-    oscillations: int = 5
+class Experiment:
+    data: DataConfig = DataConfig(clusters=60, noise=0.8, within=0.6)
+    train: TrainConfig = TrainConfig()
+    seeds: int = 10
+    tuning_seeds: int = 2
+    dose_seeds: int = 10
+    dose_zipf: Tuple[float, ...] = (0.5, 1.0, 1.5)
+    dose_widths: Tuple[float, ...] = (0.25, 0.5, 1.0)
 
-    @property
-    def period(self) -> float:
-        return self.steps / self.oscillations
+    def runs(self) -> int:
+        tuning = GRID_SIZE * len(TUNED) * self.tuning_seeds
+        dose = len(self.dose_zipf) * self.dose_seeds * (1 + 3 * len(self.dose_widths))
+        return tuning + len(ROWS) * self.seeds + dose
 
 
-QUICK = Config(clusters=30, samples=6000, steps=400, batch=128, seeds=3)
+FULL = Experiment()
+QUICK = Experiment(data=replace(FULL.data, clusters=30, samples=3000), train=replace(FULL.train, steps=120),
+                   tuning_seeds=1, dose_seeds=5, dose_zipf=(0.5, 1.5), dose_widths=(0.5, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data
+# Running
 
-@dataclass
-class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    c_train: torch.Tensor       # cluster of each training pair
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    c_test: torch.Tensor
-    cluster_sizes: torch.Tensor  # [K] training-set size of each cluster
-    tercile: torch.Tensor        # [K] 0 head, 1 middle, 2 tail
+class Runner:
+    """Trains and scores one (loss, schedule, data world, seed); caches the data worlds."""
 
+    def __init__(self, exp: Experiment, bar):
+        self.exp, self.bar, self._data, self._scores = exp, bar, {}, {}
 
-def zipf_sizes(cfg: Config) -> torch.Tensor:
-    w = torch.arange(1, cfg.clusters + 1, dtype=torch.float64) ** (-cfg.zipf)
-    return torch.clamp((cfg.samples * w / w.sum()).round().long(), min=cfg.min_cluster)
+    def data(self, cfg: DataConfig, seed: int):
+        key = (cfg, seed)
+        if key not in self._data:
+            self._data = {key: make_data(cfg, seed)}  # one world at a time: the loops below are seed-major
+        return self._data[key]
 
-
-def make_data(cfg: Config, seed: int) -> Data:
-    g = torch.Generator().manual_seed(10_000 + seed)
-    sizes = zipf_sizes(cfg)
-    labels = torch.repeat_interleave(torch.arange(cfg.clusters), sizes)
-    centres = cfg.spread * F.normalize(torch.randn(cfg.clusters, cfg.latent_dim, generator=g), dim=1)
-    z = centres[labels] + cfg.within * torch.randn(len(labels), cfg.latent_dim, generator=g)
-    maps = [torch.randn(cfg.latent_dim, cfg.feature_dim, generator=g) / math.sqrt(cfg.latent_dim) for _ in range(2)]
-    x = torch.tanh(z @ maps[0]) + cfg.noise * torch.randn(len(labels), cfg.feature_dim, generator=g)
-    y = torch.tanh(z @ maps[1]) + cfg.noise * torch.randn(len(labels), cfg.feature_dim, generator=g)
-    test = torch.zeros(len(labels), dtype=torch.bool)
-    start = 0
-    for n in sizes.tolist():  # 20% of every cluster held out, at least 2
-        n_test = max(2, round(0.2 * n))
-        pick = torch.randperm(n, generator=g)[:n_test] + start
-        test[pick] = True
-        start += n
-    train_sizes = torch.bincount(labels[~test], minlength=cfg.clusters)
-    order = torch.argsort(train_sizes, descending=True, stable=True)
-    tercile = torch.empty(cfg.clusters, dtype=torch.long)
-    tercile[order] = torch.arange(cfg.clusters) * 3 // cfg.clusters
-    return Data(x[~test], y[~test], labels[~test], x[test], y[test], labels[test], train_sizes, tercile)
+    def score(self, loss: str, sched: Schedule, cfg: DataConfig, seed: int, split: str) -> Dict[str, float]:
+        key = (loss, sched, cfg, seed, split)
+        if key in self._scores:  # e.g. the dose-response cell that is the main experiment's setting
+            self.bar.update(1)
+            return self._scores[key]
+        data = self.data(cfg, seed)
+        embed = train(loss, sched, data, self.exp.train, seed, self.bar)
+        s = getattr(data, split)
+        self._scores[key] = evaluate(*embed(s), s, data.tercile)
+        return self._scores[key]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Model and training
-
-def tower(cfg: Config) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(cfg.feature_dim, cfg.hidden), torch.nn.GELU(),
-                               torch.nn.Linear(cfg.hidden, cfg.hidden), torch.nn.GELU(),
-                               torch.nn.Linear(cfg.hidden, cfg.embed_dim))
-
-
-def schedule_value(method: str, cfg: Config, step: int, sample_sizes: torch.Tensor):
-    """The temperature (InfoNCE methods) or margin (max-margin methods) at ``step``: a float or an [N] tensor.
-
-    ``sample_sizes`` holds the training-set cluster size of every training sample; MM-TS is evaluated on all of
-    them so that its shift is normalized over the whole training set, then indexed by the batch.
-    """
-    if method == "fixed-tau":
-        return cfg.tau
-    if method == "TS":
-        return mk.schedules.cosine_temperature(step, cfg.ts_min, cfg.ts_max, cfg.period)
-    if method == "MM-TS":
-        return mk.schedules.mmts_temperature(step, cfg.period, sample_sizes, cfg.mmts_alpha, *cfg.mmts_shift)
-    if method == "max-margin":
-        return cfg.margin
-    if method == "MM-TS-mm":
-        return mk.schedules.mmts_temperature(step, cfg.period, sample_sizes, cfg.mm_alpha, *cfg.mm_shift)
-    raise ValueError(f"unknown method {method!r}")
+def tune(runner: Runner, exp: Experiment):
+    """{row: chosen schedule}, and {row: [(schedule, mean validation primary metric)]} for the report."""
+    seeds = [1000 + k for k in range(exp.tuning_seeds)]
+    scores = {row: [] for row in TUNED}
+    for seed in seeds:
+        for row, (loss, grid) in TUNED.items():
+            runner.bar.set_postfix_str(f"tuning {row} (seed {seed})")
+            for i, sched in enumerate(grid):
+                value = runner.score(loss, sched, exp.data, seed, "val")[PRIMARY]
+                if len(scores[row]) <= i:
+                    scores[row].append([sched, 0.0])
+                scores[row][i][1] += value / len(seeds)
+    chosen = {row: max(s, key=lambda p: p[1])[0] for row, s in scores.items()}  # first of equals wins
+    return chosen, {row: [tuple(p) for p in s] for row, s in scores.items()}
 
 
-def train(method: str, cfg: Config, data: Data, init: Dict[str, dict], batches: torch.Tensor, bar=None):
-    fx, fy = tower(cfg), tower(cfg)
-    fx.load_state_dict(init["x"])
-    fy.load_state_dict(init["y"])
-    opt = torch.optim.Adam(list(fx.parameters()) + list(fy.parameters()), lr=cfg.lr)
-    sample_sizes = data.cluster_sizes[data.c_train]
-    for step in range(cfg.steps):
-        idx = batches[step]
-        ex = F.normalize(fx(data.x_train[idx]), dim=1)
-        ey = F.normalize(fy(data.y_train[idx]), dim=1)
-        value = schedule_value(method, cfg, step, sample_sizes)
-        if isinstance(value, torch.Tensor):
-            value = value[idx]
-        if method in ("max-margin", "MM-TS-mm"):
-            loss = mk.max_margin(ex, ey, margin=value, backend="auto")
-        else:
-            loss = mk.info_nce(ex, ey, temperature=value, backend="auto")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if bar is not None and (step + 1) % 50 == 0:
-            bar.update(50)
-    if bar is not None:
-        bar.update(cfg.steps % 50)
-    return fx, fy
+def row_schedule(row: str, chosen: Dict[str, Schedule], sizes: torch.Tensor) -> Tuple[str, Schedule]:
+    if row in TUNED:
+        return TUNED[row][0], chosen[row]
+    base, how = CONTROLS[row]
+    sched = chosen[base]
+    return TUNED[base][0], (recentred(sched, sizes) if how == "recentred" else replace(sched, assign=how))
 
 
-@torch.no_grad()
-def evaluate(fx, fy, data: Data) -> Dict[str, float]:
-    """R@K per tercile (both directions averaged) and the cluster-level mAP, on the held-out pairs."""
-    ex = F.normalize(fx(data.x_test), dim=1)
-    ey = F.normalize(fy(data.y_test), dim=1)
-    rank_xy, rank_yx = metrics.ranks(ex, ey), metrics.ranks(ey, ex)
-    groups = {"overall": torch.ones_like(data.c_test, dtype=torch.bool)}
-    for t, name in enumerate(TERCILES[1:]):
-        groups[name] = data.tercile[data.c_test] == t
+def evaluate_rows(runner: Runner, exp: Experiment, chosen) -> Dict[str, List[Dict[str, float]]]:
+    results = {row: [] for row in ROWS}
+    for seed in range(exp.seeds):
+        sizes = runner.data(exp.data, seed).train_sizes
+        for row in ROWS:
+            runner.bar.set_postfix_str(f"test seed {seed} {row}")
+            loss, sched = row_schedule(row, chosen, sizes)
+            results[row].append(runner.score(loss, sched, exp.data, seed, "test"))
+    return results
+
+
+def dose_schedules(mmts: Schedule, widths) -> List[Schedule]:
+    """MM-TS with the tuned α and centre of the shift range, at fractions of the widest range with τ ≥ TAU_FLOOR."""
+    alpha, lo, hi = mmts.params
+    centre = 0.5 * (lo + hi)
+    widest = 2 * (centre - alpha / 2 - TAU_FLOOR)
+    return [Schedule("mmts", (alpha, centre - f * widest / 2, centre + f * widest / 2)) for f in widths]
+
+
+def dose_response(runner: Runner, exp: Experiment, chosen) -> Dict[Tuple[float, int], Dict[str, List[float]]]:
+    """{(zipf, width index): {"MM-TS" | "TS" | "recentred" | "shuffled": [primary metric per seed]}}."""
     out = {}
-    for name, mask in groups.items():
-        for k in KS:
-            out[f"{name} R@{k}"] = 0.5 * (metrics.recall_at_k(rank_xy[mask], k) + metrics.recall_at_k(rank_yx[mask], k))
-    maps = [metrics.map_ndcg(q, c, query_classes=data.c_test, candidate_classes=data.c_test)["mAP"]
-            for q, c in ((ex, ey), (ey, ex))]
-    out["cluster mAP"] = 0.5 * sum(maps)
-    return out
-
-
-def run(cfg: Config, show_progress: bool = True):
-    """Every method on every seed: {method: [result dict per seed]}, and the schedule traces for the plot."""
-    results = {m: [] for m in METHODS}
-    bar = progress(cfg.seeds * len(METHODS) * cfg.steps, "longtail", enabled=show_progress)
-    data = None
-    for seed in range(cfg.seeds):
-        data = make_data(cfg, seed)
-        torch.manual_seed(seed)
-        init = {"x": copy.deepcopy(tower(cfg).state_dict()), "y": copy.deepcopy(tower(cfg).state_dict())}
-        g = torch.Generator().manual_seed(20_000 + seed)
-        n = len(data.c_train)
-        batches = torch.stack([torch.randperm(n, generator=g)[:cfg.batch] for _ in range(cfg.steps)])
-        for method in METHODS:
-            bar.set_postfix_str(f"seed {seed} {method}")
-            fx, fy = train(method, cfg, data, init, batches, bar)
-            results[method].append(evaluate(fx, fy, data))
-    bar.close()
-    return results, traces(cfg, data)
-
-
-def traces(cfg: Config, data: Data) -> Dict[str, List[float]]:
-    """τ and margins over the steps, for the largest (head) and smallest (tail) cluster of the last seed's data."""
-    sizes = data.cluster_sizes[data.c_train]
-    head, tail = int(sizes.argmax()), int(sizes.argmin())
-    out = {k: [] for k in ("fixed τ", "TS τ", "MM-TS τ (head sample)", "MM-TS τ (tail sample)",
-                           "fixed margin", "MM-TS margin (head sample)", "MM-TS margin (tail sample)")}
-    for step in range(cfg.steps):
-        out["fixed τ"].append(cfg.tau)
-        out["TS τ"].append(schedule_value("TS", cfg, step, sizes))
-        tau = schedule_value("MM-TS", cfg, step, sizes)
-        out["MM-TS τ (head sample)"].append(float(tau[head]))
-        out["MM-TS τ (tail sample)"].append(float(tau[tail]))
-        out["fixed margin"].append(cfg.margin)
-        m = schedule_value("MM-TS-mm", cfg, step, sizes)
-        out["MM-TS margin (head sample)"].append(float(m[head]))
-        out["MM-TS margin (tail sample)"].append(float(m[tail]))
+    scheds = dose_schedules(chosen["MM-TS"], exp.dose_widths)
+    for s in exp.dose_zipf:
+        cfg = replace(exp.data, zipf=s)
+        for seed in range(exp.dose_seeds):
+            runner.bar.set_postfix_str(f"dose zipf {s} seed {seed}")
+            sizes = runner.data(cfg, seed).train_sizes
+            ts = runner.score("infonce", chosen["TS"], cfg, seed, "test")[PRIMARY]
+            for w, sched in enumerate(scheds):
+                cell = out.setdefault((s, w), {"MM-TS": [], "TS": [], "recentred": [], "shuffled": []})
+                cell["TS"].append(ts)
+                for name, variant in (("MM-TS", sched), ("recentred", recentred(sched, sizes)),
+                                      ("shuffled", replace(sched, assign="shuffled"))):
+                    cell[name].append(runner.score("infonce", variant, cfg, seed, "test")[PRIMARY])
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
-def mean_std(values: List[float]):
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), (float(t.std()) if len(values) > 1 else 0.0)
+def _pts(v: float) -> str:
+    return f"{round(100 * v, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
 
-def table(results) -> List[str]:
-    cols = [f"{g} R@{k}" for g in TERCILES for k in KS] + ["cluster mAP"]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for m in METHODS:
-        cells = []
-        for c in cols:
-            mu, sd = mean_std([r[c] for r in results[m]])
-            cells.append(f"{100 * mu:.1f} ± {100 * sd:.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+def _ci(iv) -> str:
+    return f"{_pts(iv.mean)} [{_pts(iv.low)}, {_pts(iv.high)}]"
+
+
+def primary_statement(exp: Experiment) -> str:
+    a, b = PRIMARY_CONTRAST
+    return (f"Primary metric (declared before any run): test {PRIMARY} (class-balanced gallery, x→y and y→x "
+            f"averaged); primary contrast: {a} − {b}; {exp.seeds} paired seeds, 95% t-intervals. "
+            "Everything else is secondary.")
+
+
+def means_table(results) -> List[str]:
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for row in ROWS:
+        cells = [f"{100 * sum(r[c] for r in results[row]) / len(results[row]):.2f}" for c in COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
 
 
-PAIRS = (("TS", "fixed-tau"), ("MM-TS", "fixed-tau"), ("MM-TS", "TS"), ("MM-TS-mm", "max-margin"))
-
-
-def paired_table(results) -> List[str]:
-    """Per-seed differences (same data, init and batches), in recall points: mean ± std over seeds."""
-    cols = [f"{g} R@{k}" for g in TERCILES for k in (1, 10)]
-    lines = ["| comparison | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for a, b in PAIRS:
-        cells = []
-        for c in cols:
-            mu, sd = mean_std([ra[c] - rb[c] for ra, rb in zip(results[a], results[b])])
-            cells.append(f"{100 * mu:+.1f} ± {100 * sd:.1f}")
-        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+def paired_table(results, columns=COLUMNS) -> List[str]:
+    lines = ["| comparison | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for a, b in COMPARISONS:
+        cells = [_ci(paired_interval([r[c] for r in results[a]], [r[c] for r in results[b]])) for c in columns]
+        label = f"**{a} − {b}** (primary)" if (a, b) == PRIMARY_CONTRAST else f"{a} − {b}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot(results, trace, cfg: Config, path: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install -e '.[plot]'): no plot"
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    steps = range(cfg.steps)
-    for key, color in (("fixed τ", "C0"), ("TS τ", "C1"), ("MM-TS τ (head sample)", "C2"),
-                       ("MM-TS τ (tail sample)", "C3")):
-        axes[0, 0].plot(steps, trace[key], label=key, color=color)
-    for key, color in (("fixed margin", "C0"), ("MM-TS margin (head sample)", "C2"),
-                       ("MM-TS margin (tail sample)", "C3")):
-        axes[0, 1].plot(steps, trace[key], label=key, color=color)
-    axes[0, 0].set_title("temperature over training steps")
-    axes[0, 1].set_title("max-margin: margin over training steps")
-    for ax in axes[0]:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    width = 0.8 / len(METHODS)
-    for ax, k in zip(axes[1], (1, 10)):
-        for i, m in enumerate(METHODS):
-            stats = [mean_std([r[f"{g} R@{k}"] for r in results[m]]) for g in TERCILES]
-            ax.bar([j + (i - (len(METHODS) - 1) / 2) * width for j in range(len(TERCILES))],
-                   [100 * s[0] for s in stats], width, yerr=[100 * s[1] for s in stats], capsize=2, label=m)
-        ax.set_xticks(range(len(TERCILES)), TERCILES)
-        ax.set_ylabel(f"R@{k} (%)")
-        ax.set_title(f"held-out R@{k} per cluster-frequency tercile (mean ± std over {cfg.seeds} seeds)")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+def tuning_table(scores, chosen) -> List[str]:
+    lines = ["| method | setting: mean validation " + PRIMARY + " (%) | chosen |", "|---|---|---|"]
+    for row, pairs in scores.items():
+        cells = ", ".join(f"{s.describe()}: {100 * v:.2f}" for s, v in pairs)
+        lines.append(f"| {row} | {cells} | {chosen[row].describe()} |")
+    return lines
 
 
-def mmts_shift_note(cfg: Config) -> str:
-    """How MM-TS's per-sample shift sits against the fixed / TS centre (a fairness fact worth stating)."""
-    data = make_data(cfg, 0)
-    shift = mk.schedules.cluster_shift(data.cluster_sizes[data.c_train], *cfg.mmts_shift)
-    return (f"mean over training samples {float(shift.mean()):.4f} (seed 0; head cluster {float(shift.max()):.2f}, "
-            f"smallest cluster {float(shift.min()):.2f}) against the fixed / TS centre {cfg.tau}")
+def dose_table(dose, exp: Experiment, chosen) -> List[str]:
+    scheds = dose_schedules(chosen["MM-TS"], exp.dose_widths)
+    lines = [f"| Zipf s | shift range (α = {chosen['MM-TS'].params[0]:g}) | MM-TS − TS | MM-TS − recentred | "
+             "MM-TS − shuffled |", "|---|---|---|---|---|"]
+    for (s, w), cell in sorted(dose.items()):
+        lo, hi = scheds[w].params[1:]
+        gaps = [_ci(paired_interval(cell["MM-TS"], cell[b])) for b in ("TS", "recentred", "shuffled")]
+        lines.append(f"| {s:g} | [{lo:.3f}, {hi:.3f}] | " + " | ".join(gaps) + " |")
+    return lines
 
 
-def write_markdown(path: str, results, cfg: Config, meta: Dict[str, str], png: str = None) -> None:
-    sizes = zipf_sizes(cfg)
+def report(exp, meta, chosen, scores, results, dose) -> str:
     lines = [f"# Long-tail retrieval experiment ({meta['date']})", ""]
     lines += [f"- **{k}**: {v}" for k, v in meta.items()]
-    lines += [f"- **MM-TS shift**: {mmts_shift_note(cfg)}",
-              f"- **config**: `{asdict(cfg)}`",
-              f"- **clusters**: {cfg.clusters}, Zipf s = {cfg.zipf}: largest {int(sizes.max())} pairs, smallest "
-              f"{int(sizes.min())} (before the 80/20 split)", ""]
-    lines += ["R@K in %, on held-out pairs, x→y and y→x averaged; head / middle / tail: the queries whose cluster "
-              "is in the first / second / last third of the clusters ranked by training size. Cluster mAP: "
-              "relevance = same cluster. Mean ± std over seeds.", ""]
-    lines += table(results)
-    lines += ["", "Paired differences (same seed: same data, initial weights and batches), recall points, mean ± std "
-              "over seeds:", ""]
+    lines += ["", primary_statement(exp), "", "## Paired differences on the test split", "",
+              f"Percentage points, mean over {exp.seeds} seeds [95% t-interval]; the first column is the primary "
+              "metric, the rest are secondary.", ""]
     lines += paired_table(results)
-    if png:
-        lines += ["", f"![schedules and recall per tercile]({os.path.basename(png)})"]
-    lines += ["", "## Setup", "", __doc__.split("\n\n", 1)[1].strip()]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    lines += ["", "## Means on the test split (%)", ""] + means_table(results)
+    lines += ["", f"## Dose–response ({PRIMARY}, InfoNCE, {exp.dose_seeds} paired seeds, 95% t-intervals)", ""]
+    lines += dose_table(dose, exp, chosen)
+    lines += ["", f"## Tuning ({GRID_SIZE} settings per method, {exp.tuning_seeds} tuning seed(s), validation split)",
+              ""] + tuning_table(scores, chosen)
+    lines += ["", "## Configuration", "", f"`{dataclasses.asdict(exp)}`", "", "## Setup", "", __doc__.strip()]
+    for module in ("longtail_data", "longtail_methods", "longtail_stats"):
+        lines += ["", sys.modules[f"{__package__}.{module}"].__doc__.strip()]
+    return "\n".join(lines) + "\n"
 
 
-def _auto_backend_name(device: torch.device) -> str:
-    module = mk.backends.resolve("auto", device).__name__
-    names = {v: k for k, v in getattr(mk.backends, "_MODULES", {}).items()}
-    return names.get(module, module)
+def raw_results(exp, chosen, scores, results, dose) -> dict:
+    return {"experiment": dataclasses.asdict(exp), "chosen": {k: dataclasses.asdict(v) for k, v in chosen.items()},
+            "tuning": {k: [[dataclasses.asdict(s), v] for s, v in p] for k, p in scores.items()},
+            "test": results,
+            "dose": [{"zipf": s, "width": exp.dose_widths[w], **cell} for (s, w), cell in sorted(dose.items())]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+def default_out(quick: bool) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return os.path.join(REPO, "build", "longtail", f"longtail-{stamp}" + ("-quick" if quick else "") + ".md")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.longtail", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smaller run: 30 clusters, 400 steps, 3 seeds")
-    p.add_argument("--seeds", type=int, help="number of seeds (0 … n−1)")
+    p.add_argument("--quick", action="store_true", help="30 clusters, 120 steps, 1 tuning seed, a smaller sweep")
+    p.add_argument("--seeds", type=int, help="evaluation seeds (0 … n−1), at least 2")
+    p.add_argument("--tuning-seeds", type=int)
+    p.add_argument("--dose-seeds", type=int)
     p.add_argument("--steps", type=int)
-    p.add_argument("--samples", type=int, help="pairs before the per-cluster minimum")
     p.add_argument("--clusters", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--out-dir", default=DEFAULT_OUT)
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--samples", type=int, help="training pairs before the per-cluster minimum")
+    p.add_argument("--out", help="the results file (.md; a .json of the raw numbers goes beside it); it must not "
+                                 "exist. Default: a new time-stamped file under build/longtail/")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: small towers, shared "
+                                                          "machines)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads (default 1: the towers are small, and one thread per process is "
-                        "much faster than a contended thread pool on a shared machine)")
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "samples", "clusters", "batch")
-                 if getattr(args, k) is not None}
-    for k, v in overrides.items():
-        if v < (1 if k != "clusters" else 3):
-            p.error(f"--{k} is too small: {v}")
-    if "batch" in overrides and overrides["batch"] < 2:
-        p.error("--batch must be >= 2")
-    return args, replace(cfg, **overrides)
+    exp = QUICK if args.quick else FULL
+    for name, low in (("seeds", 2), ("tuning_seeds", 1), ("dose_seeds", 2), ("steps", 1), ("clusters", 3),
+                      ("samples", 1), ("threads", 1)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+    exp = replace(exp, **{k: getattr(args, k) for k in ("seeds", "tuning_seeds", "dose_seeds")
+                          if getattr(args, k) is not None})
+    if args.steps is not None:
+        exp = replace(exp, train=replace(exp.train, steps=args.steps))
+    exp = replace(exp, data=replace(exp.data, **{k: getattr(args, k) for k in ("clusters", "samples")
+                                                 if getattr(args, k) is not None}))
+    exp = replace(exp, train=replace(exp.train, backend=default_backend()))
+    out = os.path.abspath(args.out or default_out(args.quick))
+    if not out.endswith(".md"):
+        p.error(f"--out must end in .md, got {args.out}")
+    for path in (out, out[:-3] + ".json"):
+        if os.path.exists(path):
+            p.error(f"{path} exists: results are never overwritten, choose a new --out")
+    return args, exp, out
+
+
+def _cpu() -> str:
+    from .__main__ import device_name  # the benchmark's CPU name (model name from /proc/cpuinfo)
+
+    return device_name(torch.device("cpu"))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main(argv=None) -> None:
-    args, cfg = parse_args(argv)
-    if args.threads < 1:
-        raise SystemExit("--threads must be >= 1")
+    args, exp, out = parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    results, trace = run(cfg, show_progress=not args.no_progress)
-    elapsed = time.perf_counter() - start
-    date = datetime.date.today().isoformat()
-    stem = os.path.join(os.path.abspath(args.out_dir), f"longtail-{date}" + ("-quick" if args.quick else ""))
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    probe = torch.zeros(2, 2)
+    print(primary_statement(exp), flush=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    bar = progress(exp.runs(), "longtail runs", enabled=not args.no_progress)
+    runner = Runner(exp, bar)
+    chosen, scores = tune(runner, exp)
+    results = evaluate_rows(runner, exp, chosen)
+    dose = dose_response(runner, exp, chosen)
+    bar.close()
+    wall = time.perf_counter() - t0
+    command = "python -m bench.longtail " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
+                                                                               else argv))
     meta = {
-        "command": ("python -m bench.longtail " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                     else argv))).rstrip(),
-        "date": date, "seeds": ", ".join(str(s) for s in range(cfg.seeds)),
-        "loss backend (auto on CPU)": _auto_backend_name(probe.device),
-        "torch": torch.__version__, "python": platform.python_version(), "threads": str(torch.get_num_threads()),
-        "run time": f"{elapsed:.0f} s",
+        "command": f"`{command.rstrip()}`", "date": started.date().isoformat(),
+        "started (UTC)": started.strftime("%Y-%m-%d %H:%M:%S"), "wall time": f"{wall:.0f} s",
+        "CPU": f"{_cpu()} ({os.cpu_count()} logical cores)", "threads": str(torch.get_num_threads()),
+        "load average at start / end (1 min)": f"{load_start[0]:.2f} / {os.getloadavg()[0]:.2f} (shared machine: "
+                                               "load above the thread count means contention)",
+        "loss backend": exp.train.backend, "git commit": _git_commit(), "torch": torch.__version__,
+        "python": platform.python_version(), "runs": str(exp.runs()),
     }
-    print("\n".join(table(results) + [""] + paired_table(results)))
-    png = None
-    if not args.no_plot:
-        why = plot(results, trace, cfg, stem + ".png")
-        if why:
-            print(f"plot skipped: {why}")
-        else:
-            png = stem + ".png"
-    write_markdown(stem + ".md", results, cfg, meta, png)
-    print(f"run time {elapsed:.0f} s; wrote {stem}.md" + (f", {png}" if png else ""))
+    text = report(exp, meta, chosen, scores, results, dose)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "x") as f:  # "x": never overwrite
+        f.write(text)
+    with open(out[:-3] + ".json", "x") as f:
+        json.dump(raw_results(exp, chosen, scores, results, dose), f, indent=1)
+    print("\n".join(["", primary_statement(exp), ""] + paired_table(results) + [""] + dose_table(dose, exp, chosen)))
+    print(f"\nwall time {wall:.0f} s; wrote {out} and {out[:-3]}.json")
 
 
 if __name__ == "__main__":
