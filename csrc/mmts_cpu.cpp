@@ -5,6 +5,7 @@
 // fake kernels and the autograd formula):
 //   mmts_kernels::cpu_stats           forward statistics, 13 tensors in the order of mmts_kernels.stats.Stats
 //   mmts_kernels::cpu_stats_backward  (dx, dy) from the upstream gradients of the statistics
+//   mmts_kernels::cpu_isa             "avx2" or "portable": which build of the float kernels runs
 //
 // Layout of the work (per head h; heads run one after the other):
 //   - x and y are upcast once to the compute type T (float for fp32/bf16/fp16 inputs, double for fp64).
@@ -31,7 +32,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -59,24 +62,37 @@ namespace {
 
 using at::Tensor;
 
-bool cpu_has_avx2() {
+// Whether the float kernels use the AVX2+FMA build: when the CPU has both, unless MMTS_KERNELS_CPP_ISA=portable
+// asks for the baseline build (the path of CPUs without AVX2, testable on one that has it). Read once per process.
+bool read_use_avx2() {
+  const char* env = std::getenv("MMTS_KERNELS_CPP_ISA");
+  const std::string isa = env == nullptr ? "" : env;
+  TORCH_CHECK(isa.empty() || isa == "auto" || isa == "portable",
+              "MMTS_KERNELS_CPP_ISA must be 'auto' (the default) or 'portable', got '", isa, "'");
 #ifdef MMTS_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return isa != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
 #endif
 }
 
+bool use_avx2_kernels() {
+  static const bool ok = read_use_avx2();
+  return ok;
+}
+
+// The instruction set the float kernels run with: "avx2" or "portable".
+std::string cpu_isa() { return use_avx2_kernels() ? "avx2" : "portable"; }
+
 #define MMTS_STRIP(...) __VA_ARGS__
-// Call the float kernels compiled for AVX2+FMA when the CPU has them; double always uses the baseline build.
+// Call the float kernels compiled for AVX2+FMA when use_avx2_kernels(); double always uses the baseline build.
 #ifdef MMTS_HAVE_AVX2
-#define KCALL(T, FN, TARGS, ...)                          \
-  do {                                                    \
-    if (std::is_same<T, float>::value && cpu_has_avx2())  \
-      avx2::FN<MMTS_STRIP TARGS>(__VA_ARGS__);            \
-    else                                                  \
-      base::FN<MMTS_STRIP TARGS>(__VA_ARGS__);            \
+#define KCALL(T, FN, TARGS, ...)                             \
+  do {                                                       \
+    if (std::is_same<T, float>::value && use_avx2_kernels()) \
+      avx2::FN<MMTS_STRIP TARGS>(__VA_ARGS__);               \
+    else                                                     \
+      base::FN<MMTS_STRIP TARGS>(__VA_ARGS__);               \
   } while (0)
 #else
 #define KCALL(T, FN, TARGS, ...) base::FN<MMTS_STRIP TARGS>(__VA_ARGS__)
@@ -566,6 +582,7 @@ TORCH_LIBRARY(mmts_kernels, m) {
       "Tensor? g_lse, Tensor? g_hinge, Tensor? g_hard, Tensor? g_lse_c, Tensor? g_hinge_c, Tensor? g_hard_c, "
       "bool cols, bool dystress, float tau_min, float tau_max, bool deterministic, int block_rows, "
       "int block_cols) -> (Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &cpu_isa);  // no tensor argument: one kernel for every dispatch key
 }
 
 TORCH_LIBRARY_IMPL(mmts_kernels, CPU, m) {

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Optional
@@ -69,6 +72,13 @@ def test_device(backend: str) -> torch.device:
     if backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def run_python(script: str, **env) -> subprocess.CompletedProcess:
+    """``script`` (dedented) in a fresh interpreter with this one's import path (``support`` included) and the
+    environment plus ``env``: for what a process reads once (environment variables, the first build)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env})
 
 
 # ---------------------------------------------------------------------------------------------------------------

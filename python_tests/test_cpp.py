@@ -3,16 +3,14 @@
 float64: values and every gradient to 1e-12 relative, and
 gradcheck; fp32: the DESIGN §6 bar of 1e-5; bf16/fp16: the low-precision bound of ``check_backend_against_reference``.
 Small tile shapes (MMTS_KERNELS_CPP_BLOCK) make small problems span many tiles, edge tiles and row chunks.
-Also: bad input, thread-count independence (bitwise with deterministic=True), no O(N·M) allocation, and
-backend="auto" picking cpp on the CPU. The first test to run builds the extension (about a minute).
+Also: bad input; threads, bitwise: the forward for any thread count, the deterministic backward for any thread
+count, the default backward for a given one; the portable (non-AVX2) kernels forced by MMTS_KERNELS_CPP_ISA; no
+O(N·M) allocation; backend="auto" picking cpp on the CPU. The first test to run builds the extension (about a minute).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from hypothesis import strategies as st
 import mmts_kernels as mk
 from mmts_kernels import backends
 from support import (AllocationRecorder, Case, backend_marker, cases, check_backend_against_reference,
-                     gradcheck_loss, loss_and_grads, make_inputs, rel_err, with_dtype)
+                     gradcheck_loss, loss_and_grads, make_inputs, rel_err, run_python, with_dtype)
 
 pytestmark = backend_marker("cpp")
 
@@ -244,19 +242,33 @@ def _run_all(deterministic: bool):
     return results
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_one_thread_and_two_threads_agree(deterministic):
-    one = _with_threads(1, deterministic)
-    two = _with_threads(2, deterministic)
+def _bitwise_equal(a_runs, b_runs) -> bool:
+    return all(torch.equal(a, b) for al, bl in zip(a_runs, b_runs) for a, b in zip(al, bl))
+
+
+def test_forward_is_bitwise_independent_of_the_thread_count():
+    """The forward splits rows into fixed chunks merged in a fixed order, whatever the thread count (both
+    backward modes share that forward)."""
+    for deterministic in (False, True):
+        forwards = [[run[0] for run in _with_threads(n, deterministic)] for n in (1, 2, 3)]
+        for other in forwards[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(forwards[0], other)), deterministic
+
+
+def test_deterministic_backward_is_bitwise_independent_of_the_thread_count():
+    one, two, three = (_with_threads(n, True) for n in (1, 2, 3))
+    assert _bitwise_equal(one, two) and _bitwise_equal(one, three)
+
+
+def test_default_backward_is_reproducible_for_a_given_thread_count():
+    """deterministic=False: per-thread dy buffers summed in task order: the same bits on every run with the same
+    thread count; across thread counts only rounding differs."""
+    for n in (1, 2):
+        assert _bitwise_equal(_with_threads(n, False), _with_threads(n, False)), f"{n} threads"
+    one, two = _with_threads(1, False), _with_threads(2, False)
     for a_list, b_list in zip(one, two):
         for a, b in zip(a_list, b_list):
-            if deterministic:
-                assert torch.equal(a, b), "deterministic=True must be bitwise identical for 1 and 2 threads"
-            else:
-                assert rel_err(a, b) <= 1e-6
-    if deterministic:  # and repeatable
-        again = _run_all(True)
-        assert all(torch.equal(a, b) for al, bl in zip(two, again) for a, b in zip(al, bl))
+            assert rel_err(a, b) <= 1e-6
 
 
 def _with_threads(n: int, deterministic: bool):
@@ -272,7 +284,55 @@ def test_many_threads_use_the_bufferless_backward():
     """Past 8 threads the default backward drops its per-thread dy buffers for the two-pass schedule, which is
     thread-count independent: bitwise equal to deterministic=True on one thread."""
     many, one = _with_threads(12, False), _with_threads(1, True)
-    assert all(torch.equal(a, b) for al, bl in zip(many, one) for a, b in zip(al, bl))
+    assert _bitwise_equal(many, one)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The portable (non-AVX2) kernels
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_default_instruction_set_follows_the_cpu():
+    from mmts_kernels import cpp_backend
+
+    if os.environ.get("MMTS_KERNELS_CPP_ISA") == "portable":
+        pytest.skip("MMTS_KERNELS_CPP_ISA=portable is set for this whole run")
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("needs /proc/cpuinfo to know whether this CPU has AVX2")
+    assert cpp_backend.instruction_set() == ("avx2" if {"avx2", "fma"} <= flags else "portable")
+
+
+def test_portable_kernels_forced_by_environment():
+    """MMTS_KERNELS_CPP_ISA=portable: the baseline build of the float kernels runs, and meets the fp32 bar against
+    the float64 reference (values and every gradient) for every loss, both directions and small ragged tiles."""
+    out = run_python("""
+        import os
+        import torch
+        from mmts_kernels import cpp_backend
+        from support import Case, check_backend_against_reference
+        print("isa", cpp_backend.instruction_set())
+        os.environ["MMTS_KERNELS_CPP_BLOCK"] = "8x16"
+        for loss, hardest in (("infonce", False), ("max_margin", False), ("max_margin", True)):
+            for symmetric in (True, False):
+                for mode in ("learnable_per_sample", "dystress"):
+                    case = Case(N=37, M=37 if symmetric else 29, D=19, H=2, loss=loss, hardest_negative=hardest,
+                                symmetric=symmetric, reduction="none", temperature_mode=mode,
+                                margin_mode="learnable_per_sample", seed=3)
+                    check_backend_against_reference(case, "cpp")
+        print("checked")
+    """, MMTS_KERNELS_CPP_ISA="portable")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["isa", "portable", "checked"], out.stdout
+    bad = run_python("import torch, mmts_kernels as mk; mk.info_nce(torch.randn(4, 3), torch.randn(4, 3), "
+                      "backend='cpp')", MMTS_KERNELS_CPP_ISA="sse9")
+    assert bad.returncode != 0 and "MMTS_KERNELS_CPP_ISA" in bad.stderr, bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,7 +354,7 @@ def test_no_n_by_m_tensor_is_allocated():
 
 def test_peak_memory_is_flat():
     """Peak RSS growth of fwd+bwd at N = M = 4096 (S would be 64 MiB) in a fresh process stays a few MiB."""
-    script = textwrap.dedent("""
+    script = """
         import json, torch, mmts_kernels as mk
         def hwm():
             for line in open("/proc/self/status"):
@@ -309,11 +369,10 @@ def test_peak_memory_is_flat():
         base = hwm()
         mk.info_nce(x, y, tau, backend="cpp").backward()
         print(json.dumps({"growth": hwm() - base}))
-    """)
+    """
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc/self/status (Linux)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = run_python(script)
     assert out.returncode == 0, out.stderr
     growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
     assert growth < 4096 * 4096 * 4 // 4, f"peak RSS grew by {growth / 2**20:.1f} MiB"

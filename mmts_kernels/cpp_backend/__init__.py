@@ -50,6 +50,16 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     return reason
 
 
+def instruction_set() -> str:
+    """Which build of the float kernels runs: "avx2" (AVX2+FMA, picked at run time when the CPU has both) or
+    "portable" (CPUs without them, or MMTS_KERNELS_CPP_ISA=portable, read once per process). float64 always runs
+    the portable build."""
+    reason = unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        raise RuntimeError(f"the cpp backend cannot run: {reason}")
+    return torch.ops.mmts_kernels.cpu_isa()
+
+
 def compute_stats(x, y, tau, margin, targets, request: StatsRequest) -> Stats:
     reason = unavailable_reason(x.device)
     if reason is not None:

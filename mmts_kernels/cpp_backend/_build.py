@@ -6,7 +6,8 @@ time (setup.py stays free of torch). The build directory is ``<torch extensions 
 where the hash covers the sources, the flags and the torch version: a change rebuilds, an unchanged tree reuses
 the cached library. ``cpp_extension`` holds a file lock on that directory, so concurrent processes (pytest -n,
 several jobs) build once and the others wait. Set ``MMTS_KERNELS_DISABLE_CPP=1`` to turn the backend off, and
-``MMTS_KERNELS_VERBOSE_BUILD=1`` to see the compiler's output.
+``MMTS_KERNELS_VERBOSE_BUILD=1`` to see the compiler's output. At run time, ``MMTS_KERNELS_CPP_ISA=portable``
+makes the float kernels skip their AVX2+FMA build for the portable one (what CPUs without AVX2 run).
 """
 from __future__ import annotations
 
