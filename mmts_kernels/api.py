@@ -58,30 +58,26 @@ def contrastive_loss(
         from . import distributed  # torch.distributed is only touched when asked for
 
         return distributed.distributed_loss(problem, impl, process_group)
-    return loss_from_problem(problem, impl)
+    return losses.loss_from_problem(problem, impl)
 
 
 def info_nce(x: torch.Tensor, y: torch.Tensor, temperature=0.07, **kwargs) -> torch.Tensor:
     """InfoNCE (CLIP loss): ``contrastive_loss(x, y, loss="infonce", temperature=temperature, ...)``."""
+    _refuse_unused(kwargs, "margin", "info_nce", "max_margin")
     return contrastive_loss(x, y, loss="infonce", temperature=temperature, **kwargs)
 
 
 def max_margin(x: torch.Tensor, y: torch.Tensor, margin=0.2, **kwargs) -> torch.Tensor:
     """Max-margin ranking loss: ``contrastive_loss(x, y, loss="max_margin", margin=margin, ...)``."""
+    _refuse_unused(kwargs, "temperature", "max_margin", "info_nce")
     return contrastive_loss(x, y, loss="max_margin", margin=margin, **kwargs)
 
 
-def loss_from_problem(problem: Problem, impl) -> torch.Tensor:
-    """Statistics from the backend, then the O(N) loss on top of them."""
-    stats = impl.compute_stats(problem.x, problem.y, problem.tau, problem.margin, problem.targets, problem.request)
-    terms = losses.per_anchor_terms(
-        stats, loss=problem.loss, hardest_negative=problem.hardest_negative, tau=problem.tau,
-        dystress=problem.request.dystress, margin=problem.margin, symmetric=problem.symmetric,
-    )
-    return losses.reduce_terms(
-        terms, loss=problem.loss, hardest_negative=problem.hardest_negative, reduction=problem.reduction,
-        num_cols=problem.y.shape[1], has_heads=problem.has_heads,
-    )
+def _refuse_unused(kwargs: dict, name: str, function: str, user: str) -> None:
+    # Someone passing it meant something: running without it would silently train a different loss.
+    if name in kwargs:
+        raise ValueError(f"{name}: {function} does not use a {name} ({user} does); remove it, or call "
+                         f"mk.{user} / mk.contrastive_loss(loss=...) for the loss that uses it")
 
 
 def _normalized(problem: Problem) -> Problem:

@@ -57,10 +57,8 @@ def distributed_loss(problem, impl, process_group):
     group = _check_group(process_group)
     world = dist.get_world_size(group)
     if world == 1:
-        from .api import loss_from_problem
-
         _check_negatives(problem.y.shape[1])
-        return loss_from_problem(problem, impl)
+        return losses.loss_from_problem(problem, impl)
     rank = dist.get_rank(group)
     x, y = problem.x, problem.y  # [H, n, D], [H, m, D]
     n, m = x.shape[1], y.shape[1]

@@ -1,4 +1,5 @@
-"""Losses as O(N) functions of the statistics (DESIGN §4). Shared by every backend.
+"""Losses as O(N) functions of the statistics (DESIGN §4). Shared by every backend, and by the single-process and
+distributed paths (``loss_from_problem``: a validated problem's statistics from a backend, then its loss).
 
 With s = row direction and c = column direction (symmetric losses only), per anchor i:
 
@@ -17,12 +18,15 @@ Reductions, per head, then summed over heads:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .stats import Stats
 from .temperature import DySTreSS
+
+if TYPE_CHECKING:
+    from .validation import Problem
 
 
 def per_anchor_terms(
@@ -69,3 +73,16 @@ def reduce_terms(
         per_head = per_head / mean_count(loss=loss, hardest_negative=hardest_negative, anchors=terms[0].numel(),
                                          num_cols=num_cols)
     return per_head.sum()
+
+
+def loss_from_problem(problem: Problem, impl) -> torch.Tensor:
+    """Statistics from the backend, then the O(N) loss on top of them."""
+    stats = impl.compute_stats(problem.x, problem.y, problem.tau, problem.margin, problem.targets, problem.request)
+    terms = per_anchor_terms(
+        stats, loss=problem.loss, hardest_negative=problem.hardest_negative, tau=problem.tau,
+        dystress=problem.request.dystress, margin=problem.margin, symmetric=problem.symmetric,
+    )
+    return reduce_terms(
+        terms, loss=problem.loss, hardest_negative=problem.hardest_negative, reduction=problem.reduction,
+        num_cols=problem.y.shape[1], has_heads=problem.has_heads,
+    )

@@ -70,6 +70,13 @@ class ContrastiveLoss(nn.Module):
         self.logit_scale: Optional[nn.Parameter] = None
         self.register_buffer("_temperature", None)
         if learnable_temperature:
+            if loss != "infonce":
+                raise ValueError(f"learnable_temperature: loss={loss!r} uses no temperature (only 'infonce' does)")
+            if isinstance(temperature, DySTreSS):
+                raise ValueError("learnable_temperature=True learns one scalar temperature (open_clip's logit_scale), "
+                                 "but temperature=mk.DySTreSS(...) is a per-pair function of the similarity with "
+                                 "nothing to learn: pass a float (the initial τ) to learn it, or "
+                                 "learnable_temperature=False to use DySTreSS")
             tau = _scalar_temperature(temperature)
             if not 1.0 / self.max_logit_scale <= tau <= 1.0:
                 raise ValueError(f"temperature: a learnable temperature must start in [1/max_logit_scale, 1] = "
@@ -82,7 +89,7 @@ class ContrastiveLoss(nn.Module):
                 raise ValueError(f"temperature must be a float, a 0-dim or [N] tensor, got {tuple(temperature.shape)}")
             self._temperature = temperature.detach().clone()
         else:
-            self._fixed = _scalar_temperature(temperature)
+            self._fixed = _scalar_temperature(temperature, learnable=False)
         if isinstance(margin, torch.Tensor):
             self.register_buffer("_margin", margin.detach().clone())
         else:
@@ -243,14 +250,17 @@ class MMTSLoss(nn.Module):
                 f"shift=[{self.shift_min}, {self.shift_max}], warmup_steps={self.warmup_steps}")
 
 
-def _scalar_temperature(value) -> float:
+def _scalar_temperature(value, learnable: bool = True) -> float:
+    """One τ as a float: the initial value of a learnable temperature, or a fixed float."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"a learnable temperature is a scalar; got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"temperature: learnable_temperature=True learns one scalar τ, got a tensor of shape "
+                             f"{tuple(value.shape)}; per-sample temperatures are not learned by this module")
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"temperature must be a float, a 0-dim or [N] tensor or mk.DySTreSS(...), "
-                        f"got {type(value).__name__}")
+        kinds = "a float or a 0-dim tensor (the initial τ)" if learnable else \
+            "a float, a 0-dim or [N] tensor or mk.DySTreSS(...)"
+        raise TypeError(f"temperature must be {kinds}, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {value}")

@@ -17,7 +17,7 @@ import torch
 from hypothesis import strategies as st
 
 import mmts_kernels as mk
-from mmts_kernels import api, reference
+from mmts_kernels import losses, reference
 from mmts_kernels.validation import validate
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
@@ -213,7 +213,7 @@ def lowprec_reference_loss(x, y, **kwargs):
     problem = validate(x, y, check_finite=False, backend="torch", deterministic=None,
                        **{k: kwargs.get(k, d) for k, d in _DEFAULTS.items()})
     shim = SimpleNamespace(compute_stats=functools.partial(reference.compute_stats, upcast=False))
-    return api.loss_from_problem(problem, shim)
+    return losses.loss_from_problem(problem, shim)
 
 
 _DEFAULTS = dict(loss="infonce", temperature=0.07, margin=0.2, hardest_negative=False, targets=None,

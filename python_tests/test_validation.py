@@ -69,6 +69,18 @@ def test_bad_input_raises_naming_the_argument(kwargs, exc, words):
         mk.contrastive_loss(**kwargs)
 
 
+@pytest.mark.parametrize("call,name", [
+    (lambda: mk.info_nce(x4, y4, margin=5.0), "margin"),
+    (lambda: mk.info_nce(x4, y4, margin=torch.full((4,), 0.2)), "margin"),
+    (lambda: mk.max_margin(x4, y4, temperature=0.1), "temperature"),
+    (lambda: mk.max_margin(x4, y4, 0.2, temperature=mk.DySTreSS()), "temperature"),
+])
+def test_an_argument_the_loss_does_not_use_is_refused(call, name):
+    """info_nce has no margin and max_margin no temperature: passing one is a mistake, not something to ignore."""
+    with pytest.raises(ValueError, match=f"^{name}: .* does not use"):
+        call()
+
+
 def test_check_finite_raises_on_nan_and_inf():
     bad = x4.clone()
     bad[0, 0] = float("nan")
