@@ -107,9 +107,10 @@ def test_shapes(N, M, D, H, symmetric):
         check_backend_against_reference(case, "triton")
 
 
-def test_several_feature_chunks():
-    """D spread over several BLOCK_D steps in the S tile and several BLOCK_DO slices in the backward."""
-    with _tiles(block_d=16, block_do=16):
+def test_several_panels_and_feature_steps():
+    """D spread over several BLOCK_D steps in the S tile; one column block per panel, so the forward's partial
+    merges carry row state across panels and the backward accumulates dx over several panels."""
+    with _tiles(block_d=16, panel_blocks=1):
         for loss, hardest in LOSSES:
             case = Case(N=N_SMALL, M=N_SMALL, D=40, H=2, loss=loss, hardest_negative=hardest,
                         temperature_mode="learnable_per_sample", margin_mode="learnable_per_sample", seed=7)

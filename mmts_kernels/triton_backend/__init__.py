@@ -64,7 +64,7 @@ def _check_mode(x: torch.Tensor) -> None:
     from . import forward
 
     # triton.jit reads TRITON_INTERPRET when a function is defined: ours are defined on first use
-    if x.device.type == "cpu" and type(forward.stats_kernel).__name__ != "InterpretedFunction":
+    if x.device.type == "cpu" and type(forward.tile_kernel).__name__ != "InterpretedFunction":
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before the backend's "
                          "kernels are first loaded in this process; it was not set then")
 

@@ -1,7 +1,10 @@
 """Triton building blocks shared by the forward and the backward kernels.
 
-    S tile:    S[rows, cols] = x[h, rows, :] · y[h, cols, :]ᵀ, accumulated over D in BLOCK_D chunks with tl.dot
-               (fp32 accumulation; fp64 for fp64 inputs). Out-of-range rows / columns / features load as 0.
+    S tile:    S[rows, cols] = x[h, rows, :] · y[h, cols, :]ᵀ for one [BLOCK_N, BLOCK_M] tile, accumulated over D in
+               BLOCK_D steps with tl.dot (fp32 accumulation; fp64 for fp64 inputs). The D loop is the only loop
+               of a program, so Triton software-pipelines its loads (num_stages) as in a plain GEMM.
+    logits:    z_ij = S_ij/τ_ij, built the same way in the forward and the backward (``logits``), with the
+               positive's as the loss computes it (``exact_positive``).
     DySTreSS:  τ(s) = τ_min + ½(τ_max − τ_min)(1 + cos(π(1 + s)))  on the (detached) similarity s.
 
 Every index is int64 before it meets a stride, so offsets past 2³¹ elements are exact.
@@ -18,31 +21,57 @@ PI = tl.constexpr(3.141592653589793)  # globals used inside @triton.jit must be 
 def s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
            ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """S[rows, cols] for one head, [BLOCK_N, BLOCK_M] in ACC. y is loaded already transposed ([BLOCK_D, BLOCK_M])
-    so the product is a plain tl.dot; PRECISION is "ieee" for fp32/fp64 inputs (no TF32: the fp32 bar is 1e-5).
-    UPCAST (interpreter only): the interpreter's tl.dot mishandles bf16, so operands go to fp32 first; products
-    of bf16 values are exact in fp32, so this is the tensor-core result up to the order of the sums."""
+    """S[rows, cols] for one head, [BLOCK_N, BLOCK_M] in ACC. Both operands are loaded feature-contiguous
+    ([rows, d] and [cols, d]) and y's is transposed in registers, the layout tensor cores want for bf16/fp16.
+    PRECISION: "ieee" (fp64), "tf32x3" (fp32 under matmul precision "highest": three TF32 products, fp32-accurate)
+    or "tf32" ("high"/"medium"); ignored for bf16/fp16. UPCAST (interpreter only): its tl.dot mishandles bf16,
+    so operands go to fp32 first (products of bf16 values are exact in fp32)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
     row_ok = rows < N
     col_ok = cols < M
     x_base = X + h * sxh + rows[:, None] * sxn
-    y_base = Y + h * syh + cols[None, :] * sym
+    y_base = Y + h * syh + cols[:, None] * sym
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         d_ok = d < D
         xt = tl.load(x_base + d[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        yt = tl.load(y_base + d[:, None] * syd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        yt = tl.load(y_base + d[None, :] * syd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
             yt = yt.to(tl.float32)
-        acc = tl.dot(xt, yt, acc, input_precision=PRECISION, out_dtype=ACC)
+        acc = tl.dot(xt, tl.trans(yt), acc, input_precision=PRECISION, out_dtype=ACC)
     return acc
 
 
 @triton.jit
 def dystress_tau(s, tau_min, tau_half_range):
-    """Per-pair temperature of DySTreSS; ``tau_half_range`` = ½(τ_max − τ_min). Runtime floats, not constexpr."""
+    """Per-pair temperature of DySTreSS; ``tau_half_range`` = ½(τ_max − τ_min), both loaded in s's dtype."""
     return tau_min + tau_half_range * (1.0 + tl.cos(PI * (1.0 + s)))
+
+
+@triton.jit
+def logits(S, tau, FAST: tl.constexpr):
+    """z = S/τ: fp32 as S·(1/τ) (one multiply an element; the reciprocal is per row or column unless τ is per
+    pair); fp64 with an exact division. Forward and backward build z the same way, bit for bit, so the backward's
+    p = e^{z − lse} sees the very z the forward's lse was made of (a different rounding would shift p by ulp(z),
+    10⁻³ relative at |z| = 10⁴)."""
+    if FAST:
+        return S * (1.0 / tau)
+    else:
+        return S / tau
+
+
+@triton.jit
+def exact_positive(z, S, sel, tau, AXIS: tl.constexpr, FAST: tl.constexpr):
+    """z with its positive entries (``sel``, at most one per row for AXIS = 1, per column for AXIS = 0) replaced
+    by the IEEE quotient S/τ — bitwise the loss's pos/τ, so lse − pos/τ ≥ 0 holds in floating point too: lse ≥ max z
+    ≥ pos/τ. ``tau``: the [rows] (AXIS = 1) or [columns] (AXIS = 0) temperatures. Only fp32 needs it."""
+    if FAST:
+        p = tl.sum(tl.where(sel, S, 0.0), axis=AXIS)
+        q = tl.math.div_rn(p, tau)
+        return tl.where(sel, tl.expand_dims(q, AXIS), z)
+    else:
+        return z
 
 
 @triton.jit
@@ -71,4 +100,3 @@ def merge_hardest(new, new_arg, old, old_arg):
     old_ok = old == old
     take = (new_nan & (old_ok | (new_arg < old_arg))) | (old_ok & ((new > old) | ((new == old) & (new_arg < old_arg))))
     return tl.where(take, new, old), tl.where(take, new_arg, old_arg)
-

@@ -1,4 +1,5 @@
-"""Backward: recompute the tiles of S, form ∂L/∂S tile by tile, accumulate dx = dS·y and dy = dSᵀ·x (DESIGN §3).
+"""Backward: recompute the tiles of S, form ∂L/∂S a panel of columns at a time, and let two GEMMs per panel turn
+it into dx = dS·y and dy = dSᵀ·x (DESIGN §3).
 
 With the upstream gradients g of the statistics (row i, column j of the symmetric case; zero where not requested):
 
@@ -11,28 +12,41 @@ With the upstream gradients g of the statistics (row i, column j of the symmetri
            + g^hard,c_j · 1[i = arg^c_j]
 
 (the −cnt g^hinge terms are ∂hinge/∂pos; in the symmetric case the column positive S_jj is pos_j, so both
-directions fold into the one coefficient c on S_{i,t_i}). Temperatures and margins get O(N) closed forms on the
-host: ∂lse_i/∂τ_i = −ws_i/τ_i², ∂hinge_i/∂m_i = cnt_i.
+directions fold into the one coefficient c on S_{i,t_i}). The one-element terms (positive, hardest negative) are
+added inside the tile, where they cost a compare and a select: applied afterwards they would need a scatter into
+dy with repeated targets (atomics, not reproducible). Temperatures and margins get O(N) closed forms on the host:
+∂lse_i/∂τ_i = −ws_i/τ_i², ∂hinge_i/∂m_i = cnt_i.
 
-Where the one-element terms go. The positive, hardest-negative and −cnt·g^hinge terms touch one element of S per
-row (or column). They are added to the dS tile as where(j == t_i, c_i, 0) rather than applied afterwards with
-gather / index_add: the scatter into dy (dy_{t_i} += c_i x_i with repeated targets, dx_{arg^c_j} += … with
-repeated argmaxes) would need atomics, which are not bitwise reproducible, or a sort; inside the tile it costs one
-compare and select per element next to an exp, needs no O(N·D) temporaries, and is deterministic. The kernels
-themselves use no atomics: each program owns its output rows (dx) or columns (dy).
+Why a panel and two GEMMs. A fused kernel must hold its whole output block (BLOCK_N × D in fp32) while it sweeps
+the other axis, and for D ≥ 256 that does not fit in registers: the previous design recomputed S once per D slice
+(8× at D = 512) and ran the products on CUDA cores. Here ``ds_kernel`` (grid: row blocks × column blocks of the
+panel × heads) recomputes each S tile once, applies the formula above in registers and stores dS for a panel of P
+columns in the GEMM dtype (bf16/fp16 for those inputs, as flash-attention feeds its second product; fp32/fp64
+otherwise). Then, per head, cuBLAS does
 
-Grids: dx (row blocks, D chunks, heads) sweeps column tiles; dy (column blocks, D chunks, heads) sweeps row tiles.
-Each program recomputes S over the full D and accumulates only its BLOCK_DO slice of the output, so the
-accumulator stays small for any D (the S tile is recomputed once per output slice).
+    dx    += dS[:, panel] · y[panel]      (fp32 accumulator across panels)
+    dy[panel] = dS[:, panel]ᵀ · x          (complete: every row is in the panel)
+
+P ≈ 2·D (``panel_width``) keeps the panel at about one copy of x and y: extra memory O((N + M)·D), never N·M.
+fp16: dS is scaled by a power of two that brings its largest possible magnitude to ≤ 1 (p_ij/τ of a batch of
+16k rows underflows fp16 otherwise), and the products are unscaled exactly afterwards.
+fp32 inputs follow torch.get_float32_matmul_precision(): "highest" → three TF32 products on split operands
+(hi·hi + hi·lo + lo·hi, fp32-accurate), "high"/"medium" → TF32, as torch.matmul itself.
+
+Work and traffic (the whole backward): 2·N·M·D FLOPs recomputing S in Triton + 4·N·M·D in the GEMMs (the
+floor of a fused backward: 6·N·M·D); dS written once and read twice (N·M elements in the GEMM dtype, the
+panel mostly from L2); dx's fp32 accumulator read and written once per panel (2·N·D·4 bytes · M/P).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dystress_tau, s_tile
-from .forward import dot_upcast
+from ._tiles import dystress_tau, exact_positive, logits, s_tile
+from .forward import dot_precision, dot_upcast, dystress_params, kernel_types, panel_width
 
 
 @triton.jit
@@ -40,9 +54,9 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
             T, st, TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
             LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
             LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-            tau_min, tau_half_range,
+            DYS,
             LSE_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, COLS: tl.constexpr,
-            DYSTRESS: tl.constexpr, ACC: tl.constexpr):
+            DYSTRESS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr):
     """∂L/∂S on one tile (the formula in the module docstring), zero outside the matrix."""
     rv = h * N + rows  # row vectors are [H, N] contiguous, column vectors [H, M]
     cv = h * M + cols
@@ -53,22 +67,30 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
     is_pos = cols[None, :] == t[:, None]
     c_pos = tl.load(C_POS + rv, mask=row_ok, other=0.0)
     ds = tl.where(is_pos, c_pos[:, None], 0.0).to(ACC)
-    if LSE_ON:
-        if DYSTRESS:
-            tau_r = dystress_tau(S, tau_min, tau_half_range)
-        else:
-            tau_r = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)[:, None]
+    if LSE_ON:  # the logits exactly as the forward built them (see _tiles.logits)
         lse_r = tl.load(LSE + rv, mask=row_ok, other=0.0)
         g_r = tl.load(G_LSE + rv, mask=row_ok, other=0.0)
-        ds += g_r[:, None] * tl.exp(S / tau_r - lse_r[:, None]) / tau_r
+        if DYSTRESS:
+            tau_r = dystress_tau(S, tl.load(DYS), tl.load(DYS + 1))
+            z = logits(S, tau_r, FAST)
+        else:
+            tau_v = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)
+            tau_r = tau_v[:, None]
+            z = exact_positive(logits(S, tau_r, FAST), S, is_pos & row_ok[:, None] & col_ok[None, :], tau_v, 1,
+                               FAST)
+        ds += g_r[:, None] * tl.exp(z - lse_r[:, None]) / tau_r
         if COLS:  # τ_j of column j: a per-sample τ has N = M entries only in this square case
             if DYSTRESS:
                 tau_c = tau_r
+                zc = z
             else:
-                tau_c = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)[None, :]
+                tau_w = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)
+                tau_c = tau_w[None, :]
+                zc = exact_positive(logits(S, tau_c, FAST), S, is_pos & row_ok[:, None] & col_ok[None, :], tau_w,
+                                    0, FAST)
             lse_c = tl.load(LSE_C + cv, mask=col_ok, other=0.0)
             g_c = tl.load(G_LSE_C + cv, mask=col_ok, other=0.0)
-            ds += g_c[None, :] * tl.exp(S / tau_c - lse_c[None, :]) / tau_c
+            ds += g_c[None, :] * tl.exp(zc - lse_c[None, :]) / tau_c
     if HINGE_ON:
         mar_r = tl.load(MARGIN + h * smar_h + rows * smar_n, mask=row_ok, other=0.0).to(ACC)
         pos_r = tl.load(POS + rv, mask=row_ok, other=0.0)
@@ -92,77 +114,112 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
     return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
 
-@triton.jit
-def grad_kernel(
-    X, Y, OUT,
+@triton.jit(do_not_specialize=["N", "M", "cb0", "P"])
+def ds_kernel(
+    X, Y, DS, SCALE,
     T, TAU, MARGIN, POS, LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG, LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-    N, M, D, tau_min, tau_half_range,
+    N, M, D, cb0, P, DYS,
     sxh, sxn, sxd, syh, sym, syd, st, stau_h, stau_n, smar_h, smar_n,
-    FOR_Y: tl.constexpr,  # False: dx = dS·y (a program owns rows); True: dy = dSᵀ·x (a program owns columns)
     LSE_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, COLS: tl.constexpr,
-    DYSTRESS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    ACC: tl.constexpr, S_PRECISION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DYSTRESS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    dc = tl.program_id(1).to(tl.int64)
+    """DS[h, rows, cols − first column of the panel] = SCALE · ∂L/∂S on one tile, in DS's dtype; [H, N, P]."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    do = dc * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
-    do_ok = do < D
-    if FOR_Y:
-        cols = b * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        col_ok = cols < M
-        acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
-        num_tiles = tl.cdiv(N, BLOCK_N)
-    else:
-        rows = b * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
-        num_tiles = tl.cdiv(M, BLOCK_M)
-    for k in range(0, num_tiles):
-        if FOR_Y:
-            rows = k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-            row_ok = rows < N
+    rows = r * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    local = c * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = cb0 * BLOCK_M + local
+    row_ok = rows < N
+    col_ok = cols < M
+    S = s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
+               BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
+    ds = ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
+                 T, st, TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
+                 LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
+                 LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
+                 DYS,
+                 LSE_ON, HINGE_ON, HARD_ON, COLS, DYSTRESS, ACC, FAST)
+    ds = ds * tl.load(SCALE).to(ACC)
+    tl.store(DS + (h * N + rows[:, None]) * P + local[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: the GEMMs of a panel.
+
+def _gemm_dtype(x: torch.Tensor, cdt: torch.dtype) -> torch.dtype:
+    """The dtype dS is stored in and the GEMMs read: the input dtype for bf16/fp16 on a GPU (tensor cores), else
+    the statistics dtype (fp32 or fp64; on the CPU also for bf16/fp16, whose matmuls there are slow or absent)."""
+    if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    return cdt
+
+
+def _tf32_split(a: torch.Tensor):
+    """a = hi + lo with hi rounded to TF32 (10 explicit mantissa bits), both exactly representable in fp32."""
+    hi = ((a.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    return hi, a - hi
+
+
+@contextlib.contextmanager
+def _matmul_precision(value: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= a @ b, accumulated in out's dtype (fp32 out from bf16/fp16 operands: cuBLAS's fp32 output mode).
+    fp32 operands on a GPU under matmul precision "highest": the three-TF32 split, fp32-accurate at tensor-core
+    speed. Otherwise torch.matmul as it is (TF32 under "high"/"medium", like PyTorch's own products)."""
+    if a.dtype == torch.float32 and a.is_cuda and torch.get_float32_matmul_precision() == "highest":
+        (a_hi, a_lo), (b_hi, b_lo) = _tf32_split(a), _tf32_split(b)
+        with _matmul_precision("high"):
+            matmul(a_hi, b_hi, out, accumulate)
+            matmul(a_hi, b_lo, out, True)
+            matmul(a_lo, b_hi, out, True)
+        return
+    if a.dtype != out.dtype:  # bf16/fp16 operands, fp32 result
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
         else:
-            cols = k * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-            col_ok = cols < M
-        S = s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
-                   BLOCK_N, BLOCK_M, BLOCK_D, ACC, S_PRECISION, UPCAST)
-        ds = ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
-                     T, st, TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
-                     LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
-                     LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-                     tau_min, tau_half_range,
-                     LSE_ON, HINGE_ON, HARD_ON, COLS, DYSTRESS, ACC)
-        if FOR_Y:
-            xv = tl.load(X + h * sxh + rows[:, None] * sxn + do[None, :] * sxd,
-                         mask=row_ok[:, None] & do_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(ds), xv.to(ACC), acc, input_precision=PRECISION, out_dtype=ACC)
-        else:
-            yv = tl.load(Y + h * syh + cols[:, None] * sym + do[None, :] * syd,
-                         mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-            acc = tl.dot(ds, yv.to(ACC), acc, input_precision=PRECISION, out_dtype=ACC)
-    if FOR_Y:
-        tl.store(OUT + h * M * D + cols[:, None] * D + do[None, :], acc, mask=col_ok[:, None] & do_ok[None, :])
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+    elif accumulate:
+        out.addmm_(a, b)
     else:
-        tl.store(OUT + h * N * D + rows[:, None] * D + do[None, :], acc, mask=row_ok[:, None] & do_ok[None, :])
+        torch.mm(a, b, out=out)
+
+
+def grad_scale(x, grads, saved, tau, cdt, dystress, tau_min):
+    """A power of two s with |s·dS| ≤ 1 everywhere (fp16 only; 1 otherwise), as a 1-element device tensor (no
+    host sync). |dS_ij| ≤ Σ of its coefficients' largest magnitudes, with p ≤ 1 and τ ≥ its smallest value."""
+    one = torch.ones(1, dtype=cdt, device=x.device)
+    if x.dtype != torch.float16:
+        return one
+    bound = one * 2.0 ** -14  # never scale a tiny bound into fp16's subnormals
+    for name, g in grads.items():
+        if name in ("lse", "lse_c"):
+            low = torch.as_tensor(tau_min, dtype=cdt, device=x.device) if dystress else tau.abs().amin()
+            bound = bound + g.abs().amax() / low
+        else:
+            bound = bound + g.abs().amax()
+    return torch.exp2(-torch.ceil(torch.log2(bound))).reshape(1)
 
 
 def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, hard, ws, cols, dystress, tau_min,
                     tau_max, need_x, need_y, need_tau, need_margin, cfg):
-    """Gradients of x, y (kernels), tau and margin (O(N) closed forms); None for what is not needed.
+    """Gradients of x, y (kernel + GEMMs), tau and margin (O(N) closed forms); None for what is not needed.
 
     ``saved`` and ``grads`` map the ``Stats`` field names to the forward outputs and their upstream gradients
     (a gradient may be None: that statistic did not reach the loss)."""
     H, N, D = x.shape
     M = y.shape[1]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if cdt == torch.float64 else tl.float32
-    upcast = dot_upcast(x)
-    # S tiles: as in the forward. dS·y: fp32 operands (bf16/fp16 inputs upcast exactly); TF32 for bf16/fp16 inputs
-    # rounds dS to 10 mantissa bits on tensor cores (bf16 would keep 7); IEEE fp32 for fp32 inputs (the 1e-5 bar).
-    s_precision = "ieee" if upcast or x.dtype in (torch.float32, torch.float64) else "tf32"
-    precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+    cdt, acc, fast = kernel_types(x)
+    upcast, precision = dot_upcast(x), dot_precision(x)
 
     def g(name, on=True):
         grad = grads.get(name)
@@ -183,7 +240,12 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
 
     dx = dy = dtau = dmargin = None
     if need_x or need_y:
+        coefficients = {"pos": c_pos, "hinge": g_hinge, "hinge_c": g_hinge_c, "hard": g_hard, "hard_c": g_hard_c}
+        if lse:
+            coefficients.update(lse=g_lse, lse_c=g_lse_c)
+        scale = grad_scale(x, coefficients, saved, tau, cdt, dystress, tau_min)
         dummy = saved["pos"]  # any valid pointer for the arguments a configuration never reads
+        dys = dystress_params(x, cdt, tau_min, tau_max) if dystress else dummy
         pick = lambda name, on: saved[name] if on else dummy  # noqa: E731
         tau_arg = tau if tau is not None else dummy
         mar_arg = margin if margin is not None else dummy
@@ -192,25 +254,40 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         vectors = (targets, tau_arg, mar_arg, saved["pos"], pick("lse", lse), g_lse, g_hinge, c_pos, g_hard,
                    pick("arg", hard), pick("lse_c", lse and cols), g_lse_c, g_hinge_c, g_hard_c,
                    pick("arg_c", hard and cols))
-        scalars = (N, M, D, float(tau_min), float(0.5 * (tau_max - tau_min)),
-                   *x.stride(), *y.stride(), targets.stride(0), *stau, *smar)
         flags = dict(LSE_ON=lse, HINGE_ON=hinge, HARD_ON=hard, COLS=cols, DYSTRESS=dystress,
-                     BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do,
-                     ACC=acc, S_PRECISION=s_precision, PRECISION=precision, UPCAST=upcast, num_warps=cfg.num_warps)
-        d_chunks = triton.cdiv(D, cfg.block_do)
-        # tl.store rounds the fp32 sums to the input dtype (round to nearest even), except that the interpreter
-        # truncates fp32 → bf16: there the sums are stored in fp32 and rounded by torch.
-        out_dtype = torch.float32 if upcast else x.dtype
+                     BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, ACC=acc, PRECISION=precision,
+                     UPCAST=upcast, FAST=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        gdt = _gemm_dtype(x, cdt)
+        xg, yg = x.to(gdt), y.to(gdt)  # no copy on a GPU for bf16/fp16/fp32: the GEMMs read the inputs
+        bm = cfg.block_m
+        P = cfg.panel_blocks * bm or panel_width(N, M, cfg.bwd_panel_factor * D, N, bm)
+        ds = torch.empty((H, N, P), dtype=gdt, device=x.device)
+        num_c = triton.cdiv(M, bm)
+        # Results land in the input dtype directly where the GEMM can write it (one rounding, as torch's own
+        # backward); fp16 (scaled), several dx panels, and CPU bf16/fp16 go through an fp32/fp64 accumulator.
+        direct = gdt == x.dtype and x.dtype != torch.float16
+        dx_acc = dy_acc = None
         if need_x:
-            dx = torch.empty((H, N, D), dtype=out_dtype, device=x.device)
-            grad_kernel[(triton.cdiv(N, cfg.block_n), d_chunks, H)](
-                x, y, dx, *vectors, *scalars, FOR_Y=False, **flags)
-            dx = dx.to(x.dtype)
+            dx_acc = torch.empty((H, N, D), dtype=x.dtype if direct and num_c * bm <= P else cdt, device=x.device)
         if need_y:
-            dy = torch.empty((H, M, D), dtype=out_dtype, device=y.device)
-            grad_kernel[(triton.cdiv(M, cfg.block_m), d_chunks, H)](
-                x, y, dy, *vectors, *scalars, FOR_Y=True, **flags)
-            dy = dy.to(y.dtype)
+            dy_acc = torch.empty((H, M, D), dtype=y.dtype if direct else cdt, device=y.device)
+        for cb0 in range(0, num_c, P // bm):
+            c0, c1 = cb0 * bm, min(M, cb0 * bm + P)
+            ds_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(c1 - c0, bm), H)](
+                x, y, ds, scale, *vectors, N, M, D, cb0, P, dys,
+                *x.stride(), *y.stride(), targets.stride(0), *stau, *smar, **flags)
+            for h in range(H):
+                panel = ds[h, :, : c1 - c0]
+                if need_x:
+                    matmul(panel, yg[h, c0:c1], dx_acc[h], accumulate=cb0 > 0)
+                if need_y:
+                    matmul(panel.t(), xg[h], dy_acc[h, c0:c1], accumulate=False)
+        if x.dtype == torch.float16:
+            unscale = 1.0 / scale  # exact: a power of two
+            dx_acc = dx_acc.mul_(unscale) if need_x else None
+            dy_acc = dy_acc.mul_(unscale) if need_y else None
+        dx = dx_acc.to(x.dtype) if need_x else None
+        dy = dy_acc.to(y.dtype) if need_y else None
 
     if need_tau and tau is not None:
         if lse and not ws:

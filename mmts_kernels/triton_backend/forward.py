@@ -1,36 +1,35 @@
-"""Forward: every requested statistic of S = x yᵀ in one pass over the tiles of S (DESIGN §3).
+"""Forward: every requested statistic of S = x yᵀ from one pass over its tiles, without locks (DESIGN §3).
 
-Grid (row blocks, heads). A program owns BLOCK_N rows of one head and sweeps the column tiles of y; each S tile is
-computed once with tl.dot and folded into
+One program per tile. The columns are cut into panels (usually one: see ``panel_width``); for each panel,
 
-    rows i (in registers, this program only)        columns j (square symmetric case, shared in global memory)
-    m_i, l_i   online log-sum-exp of z_ij = S_ij/τ_ij   the same over i of z_ij = S_ij/τ_j (τ_ij under DySTreSS)
-    w_i        Σ_j e^{z_ij − m_i} S_ij  → ws_i = w_i/l_i   alike
-    hinge_i, cnt_i over j ≠ t_i of m_i + S_ij − pos_i  over i ≠ j of m_j + S_ij − pos_j
-    hard_i, arg_i  max over j ≠ t_i, lowest column      max over i ≠ j, lowest row
+  1. ``tile_kernel``, grid (row blocks R, column blocks C of the panel, heads): computes its [BLOCK_N, BLOCK_M]
+     tile of S with tl.dot over D, reduces it along the columns to a *row partial* and along the rows to a
+     *column partial*, and stores both (O(BLOCK_N + BLOCK_M) numbers; the tile itself is never stored):
 
-The positives pos_i = x_i · y_{t_i} come first from a small O(N·D) kernel, because the hinge of every tile needs
-them. The log-sum-exp keeps a running max (rescaling l and w by e^{m_old − m_new}), so any input scale and τ down to
-1e-3 stay finite: there is no fixed shift that assumes unit-norm rows.
+         row partial of row i over the tile's columns j        column partial of column j over the tile's rows i
+         m = max_j z_ij,  l = Σ_j e^{z_ij − m},  w = Σ_j e^{..} S_ij   the same over i of z_ij = S_ij/τ_j
+         hinge = Σ_{j≠t_i} relu(m_i + S_ij − pos_i),  cnt              over i ≠ j of m_j + S_ij − pos_j
+         hard, arg = max over j ≠ t_i, lowest column                   max over i ≠ j, lowest row
 
-Column statistics, merged across row programs. A column j collects contributions from every row block, i.e. from
-different programs. Per tile, the program reduces its BLOCK_N rows to a column partial (max, Σ e^{z − max}, …), then
-merges it into an O(M) global state under a per-(head, column block) synchronization word:
+  2. ``merge_kernel`` (twice): folds the C row partials of each row into its running state (m, l, w, hinge, …,
+     carried across panels), and the R column partials of each column into its final statistics — in a fixed
+     order, so the result is bitwise reproducible with no extra cost: ``deterministic=True`` is free here.
 
-  * default: a spin lock (atomic_cas 0→1, release with atomic_xchg). The merge of two log-sum-exp states
-    (m, l) ⊕ (m', l') = (max, l e^{m−max} + l' e^{m'−max}) is exact in any order, so there is no overflow and no
-    shift, but the order of the floating-point sums depends on scheduling. Programs start at different column
-    blocks (rotated by their row block) so they rarely wait on the same lock. A lock holder never waits on
-    anything, so there is no deadlock however many programs are resident.
-  * deterministic=True: a turnstile. Column block c of head h is merged by row blocks 0, 1, 2, … in that order
-    (program r waits until the word reads r, merges, writes r + 1), so every sum has a fixed order and the result
-    is bitwise reproducible. Programs sweep the column blocks in the same order, so they form a pipeline one tile
-    apart. This relies on row block r − 1 being scheduled no later than r (the hardware launches blocks in order
-    of their linear id; the same assumption as a decoupled look-back scan).
+     The log-sum-exp merge (m, l) ⊕ (m', l') = (max, l e^{m−max} + l' e^{m'−max}) is exact in any scale, so any
+     input norm and τ down to 1e-3 stay finite (no fixed shift that assumes unit-norm rows).
 
-Why not the alternatives: per-(row block, column) partials would be O(N·M/BLOCK_N) memory (ruled out, DESIGN §6);
-a program that also owns a column block and sweeps it would compute every tile twice (a second pass over S).
-Extra memory here is O(H·M) column state plus one int32 per (head, column block).
+pos_i = S_{i,t_i} is stored by the one tile that holds column t_i — the very value its log-sum-exp saw — and that
+tile's logit of the positive is pos_i/τ_i by IEEE division, bitwise what the loss subtracts, so every InfoNCE term
+lse_i − pos_i/τ_i ≥ 0 in floating point too (the other logits are S·(1/τ), an ulp of |S|/τ apart: −6e-5 at
+τ = 1e-3 when the positive's was too). The hinge needs pos before any tile, so with a hinge a small O(N·D) kernel
+computes it first.
+
+Work and traffic per panel of P columns (H heads, F ≤ 3 fields a direction):
+    FLOPs   2·N·P·D in tl.dot (the whole forward: 2·N·M·D, a quarter of the 8·N·M·D of forward + backward),
+            plus ≈ 2 exponentials per element of S (one a direction) in the epilogue.
+    bytes   x and y re-read once per tile column/row: (N·D·⌈P/BLOCK_M⌉ + P·D·⌈N/BLOCK_N⌉)·s, mostly from L2;
+            partials written and read once: F·(N·P/BLOCK_M + P·N/BLOCK_N) fp32.
+Extra memory: the partial buffers, capped by ``panel_width`` at about one fp32 copy of x and y.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dystress_tau, hardest, merge_hardest, relu_keep_nan, s_tile
+from ._tiles import dystress_tau, exact_positive, hardest, logits, merge_hardest, relu_keep_nan, s_tile
 
 
 @triton.jit
@@ -60,218 +59,274 @@ def pos_kernel(X, Y, T, POS, N, D, sxh, sxn, sxd, syh, sym, syd, st,
     tl.store(POS + h * N + rows, acc, mask=row_ok)
 
 
-@triton.jit
-def stats_kernel(
+@triton.jit(do_not_specialize=["N", "M", "cb0", "C", "P"])
+def tile_kernel(
     X, Y, T, TAU, MARGIN, POS,
-    LSE, WS, HINGE, CNT, HARD, ARG,                          # row statistics, [H, N] contiguous
-    C_MAX, C_SUM, C_WS, C_HINGE, C_CNT, C_HARD, C_ARG,       # column state, [H, M] contiguous
-    SYNC,                                                    # [H, column blocks] int32, zero-initialized
-    N, M, D, tau_min, tau_half_range,
+    R_MAX, R_SUM, R_WS, R_HINGE, R_CNT, R_HARD, R_ARG,      # row partials    [H, C, N]
+    C_MAX, C_SUM, C_WS, C_HINGE, C_CNT, C_HARD, C_ARG,      # column partials [H, R, P]
+    N, M, D, cb0, C, P, DYS,
     sxh, sxn, sxd, syh, sym, syd, st, stau_h, stau_n, smar_h, smar_n,
     LSE_ON: tl.constexpr, WS_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr,
-    COLS: tl.constexpr, DYSTRESS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    COLS: tl.constexpr, DYSTRESS: tl.constexpr, POS_FROM_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)  # column block within the panel
+    h = tl.program_id(2).to(tl.int64)
+    R = tl.num_programs(0).to(tl.int64)
     rows = r * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    local = c * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # column offset within the panel
+    c_lo = (cb0 + c) * BLOCK_M  # first column of the tile
+    cols = cb0 * BLOCK_M + local
     row_ok = rows < N
+    col_ok = cols < M
     if COLS:
         t = rows  # square symmetric case: the positives are the diagonal
     else:
         t = tl.load(T + rows * st, mask=row_ok, other=0).to(tl.int64)
-    pos_r = tl.load(POS + h * N + rows, mask=row_ok, other=0.0)
-    if LSE_ON and not DYSTRESS:
-        tau_r = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)
+
+    S = s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
+               BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
+    valid = row_ok[:, None] & col_ok[None, :]
+    is_pos = cols[None, :] == t[:, None]
+    neg = valid & ~is_pos  # the negatives of row i: j ≠ t_i
+    rp = (h * C + c) * N + rows  # this tile's slot in the row partials
+    cp = (h * R + r) * P + local  # … and in the column partials
+    if POS_FROM_TILE:
+        has_pos = row_ok & (t >= c_lo) & (t < c_lo + BLOCK_M)
+        tl.store(POS + h * N + rows, tl.sum(tl.where(valid & is_pos, S, 0.0), axis=1), mask=has_pos)
     if HINGE_ON:
+        pos_r = tl.load(POS + h * N + rows, mask=row_ok, other=0.0)
         mar_r = tl.load(MARGIN + h * smar_h + rows * smar_n, mask=row_ok, other=0.0).to(ACC)
 
-    neg_inf = float("-inf")
-    m_run = tl.full((BLOCK_N,), neg_inf, ACC)
-    l_run = tl.zeros((BLOCK_N,), ACC)
-    w_run = tl.zeros((BLOCK_N,), ACC)
-    hinge_run = tl.zeros((BLOCK_N,), ACC)
-    cnt_run = tl.zeros((BLOCK_N,), tl.int64)
-    pos_run = tl.zeros((BLOCK_N,), ACC)  # S_{i,t_i} as the tile computes it (see below)
-    hard_run = tl.full((BLOCK_N,), neg_inf, ACC)
-    arg_run = tl.zeros((BLOCK_N,), tl.int64) + M  # "no negative yet": above every column index
-
-    num_c = tl.cdiv(M, BLOCK_M)
-    for k in range(0, num_c):
-        if DETERMINISTIC:
-            c = k  # every program in the same order: the turnstile pipeline
-        else:
-            c = (k + r) % num_c  # staggered starts: fewer programs wait on the same column lock
-        cols = c * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        col_ok = cols < M
-        S = s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
-                   BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
-        valid = row_ok[:, None] & col_ok[None, :]
-        neg = valid & (cols[None, :] != t[:, None])  # the negatives of row i: j ≠ t_i
-
-        # ---- rows: fold the tile into the running statistics of this program's rows
-        if LSE_ON:
-            # exactly one tile holds column t_i, and 0 + v = v: pos_run ends as that tile's S_{i,t_i}
-            pos_run += tl.sum(tl.where(valid & (cols[None, :] == t[:, None]), S, 0.0), axis=1)
-            if DYSTRESS:
-                tau_ij = dystress_tau(S, tau_min, tau_half_range)
-                z = S / tau_ij
-            else:
-                z = S / tau_r[:, None]
-            z_row = tl.where(col_ok[None, :], z, neg_inf)
-            m_new = tl.maximum(m_run, tl.max(z_row, axis=1))
-            alpha = tl.exp(m_run - m_new)  # 0 on the first tile (m_run = −inf, m_new finite)
-            e = tl.exp(z_row - m_new[:, None])
-            l_run = l_run * alpha + tl.sum(e, axis=1)
-            if WS_ON:
-                w_run = w_run * alpha + tl.sum(e * S, axis=1)
-            m_run = m_new
-        if HINGE_ON:
-            v = mar_r[:, None] + S - pos_r[:, None]
-            hinge_run += tl.sum(tl.where(neg, relu_keep_nan(v), 0.0), axis=1)
-            cnt_run += tl.sum((neg & (v > 0)).to(tl.int64), axis=1)
-        if HARD_ON:
-            t_max, t_arg = hardest(S, neg, cols[None, :], M, 1)
-            # tiles arrive in rotated order, so ties compare the column index explicitly
-            hard_run, arg_run = merge_hardest(t_max, t_arg, hard_run, arg_run)
-
-        # ---- columns: reduce the tile over this program's rows, then merge into the shared column state
-        if COLS:
-            cptr = h * M + cols
-            neg_c = valid & (rows[:, None] != cols[None, :])
-            if LSE_ON:
-                if DYSTRESS:
-                    zc = z  # τ_ij is symmetric in the pair: the same logits
-                else:
-                    tau_c = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)
-                    zc = S / tau_c[None, :]
-                zc = tl.where(row_ok[:, None], zc, neg_inf)
-                p_max = tl.max(zc, axis=0)
-                ec = tl.exp(zc - p_max[None, :])
-                p_sum = tl.sum(ec, axis=0)
-                if WS_ON:
-                    p_ws = tl.sum(ec * S, axis=0)
-            if HINGE_ON:
-                mar_c = tl.load(MARGIN + h * smar_h + cols * smar_n, mask=col_ok, other=0.0).to(ACC)
-                pos_c = tl.load(POS + h * N + cols, mask=col_ok, other=0.0)
-                vc = mar_c[None, :] + S - pos_c[None, :]
-                p_hinge = tl.sum(tl.where(neg_c, relu_keep_nan(vc), 0.0), axis=0)
-                p_cnt = tl.sum((neg_c & (vc > 0)).to(tl.int64), axis=0)
-            if HARD_ON:
-                p_hard, p_arg = hardest(S, neg_c, rows[:, None], N, 0)
-
-            sync = SYNC + h * num_c + c
-            if DETERMINISTIC:
-                while tl.atomic_add(sync, 0, sem="acquire") != r.to(tl.int32):
-                    pass
-            else:
-                while tl.atomic_cas(sync, 0, 1, sem="acquire") == 1:
-                    pass
-            # volatile loads: read what the previous holder released, not a stale cached copy
-            if LSE_ON:
-                o_max = tl.load(C_MAX + cptr, mask=col_ok, other=neg_inf, volatile=True)
-                o_sum = tl.load(C_SUM + cptr, mask=col_ok, other=0.0, volatile=True)
-                n_max = tl.maximum(o_max, p_max)
-                a_old = tl.exp(o_max - n_max)  # 0 while the column is empty (o_max = −inf)
-                a_new = tl.exp(p_max - n_max)
-                tl.store(C_MAX + cptr, n_max, mask=col_ok)
-                tl.store(C_SUM + cptr, o_sum * a_old + p_sum * a_new, mask=col_ok)
-                if WS_ON:
-                    o_ws = tl.load(C_WS + cptr, mask=col_ok, other=0.0, volatile=True)
-                    tl.store(C_WS + cptr, o_ws * a_old + p_ws * a_new, mask=col_ok)
-            if HINGE_ON:
-                o_hinge = tl.load(C_HINGE + cptr, mask=col_ok, other=0.0, volatile=True)
-                o_cnt = tl.load(C_CNT + cptr, mask=col_ok, other=0, volatile=True)
-                tl.store(C_HINGE + cptr, o_hinge + p_hinge, mask=col_ok)
-                tl.store(C_CNT + cptr, o_cnt + p_cnt, mask=col_ok)
-            if HARD_ON:
-                o_hard = tl.load(C_HARD + cptr, mask=col_ok, other=neg_inf, volatile=True)
-                o_arg = tl.load(C_ARG + cptr, mask=col_ok, other=N, volatile=True)
-                n_hard, n_arg = merge_hardest(p_hard, p_arg, o_hard, o_arg)
-                tl.store(C_HARD + cptr, n_hard, mask=col_ok)
-                tl.store(C_ARG + cptr, n_arg, mask=col_ok)
-            tl.debug_barrier()  # every thread's stores are issued before the release below
-            if DETERMINISTIC:
-                tl.atomic_xchg(sync, (r + 1).to(tl.int32), sem="release")
-            else:
-                tl.atomic_xchg(sync, 0, sem="release")
-
-    out = h * N + rows
+    # ---- rows: reduce the tile along its columns
     if LSE_ON:
-        tl.store(LSE + out, m_run + tl.log(l_run), mask=row_ok)
-        if not HINGE_ON:  # other programs read POS only for the column hinge
-            # the positive the lse saw, bit for bit: lse_i − pos_i/τ_i then cancels its rounding, which the
-            # pre-pass dot (another summation order) would not, an error amplified by 1/τ
-            tl.store(POS + out, pos_run, mask=row_ok)
+        if DYSTRESS:
+            tau_ij = dystress_tau(S, tl.load(DYS), tl.load(DYS + 1))
+            z = logits(S, tau_ij, FAST)
+        else:
+            tau_r = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)
+            z = logits(S, tau_r[:, None], FAST)
+            if tl.max((row_ok & (t >= c_lo) & (t < c_lo + BLOCK_M)).to(tl.int32), axis=0) > 0:
+                z = exact_positive(z, S, valid & is_pos, tau_r, 1, FAST)
+        z_row = tl.where(col_ok[None, :], z, float("-inf"))
+        p_max = tl.max(z_row, axis=1)
+        e = tl.exp(z_row - p_max[:, None])
+        tl.store(R_MAX + rp, p_max, mask=row_ok)
+        tl.store(R_SUM + rp, tl.sum(e, axis=1), mask=row_ok)
         if WS_ON:
-            tl.store(WS + out, w_run / l_run, mask=row_ok)
+            tl.store(R_WS + rp, tl.sum(e * S, axis=1), mask=row_ok)
     if HINGE_ON:
-        tl.store(HINGE + out, hinge_run, mask=row_ok)
-        tl.store(CNT + out, cnt_run, mask=row_ok)
+        v = mar_r[:, None] + S - pos_r[:, None]
+        tl.store(R_HINGE + rp, tl.sum(tl.where(neg, relu_keep_nan(v), 0.0), axis=1), mask=row_ok)
+        tl.store(R_CNT + rp, tl.sum((neg & (v > 0)).to(tl.int32), axis=1), mask=row_ok)
     if HARD_ON:
-        tl.store(HARD + out, hard_run, mask=row_ok)
-        tl.store(ARG + out, arg_run, mask=row_ok)
+        t_max, t_arg = hardest(S, neg, cols[None, :], M, 1)
+        tl.store(R_HARD + rp, t_max, mask=row_ok)
+        tl.store(R_ARG + rp, t_arg.to(tl.int32), mask=row_ok)
+
+    # ---- columns (square symmetric case): reduce the tile along its rows
+    if COLS:
+        neg_c = valid & (rows[:, None] != cols[None, :])
+        if LSE_ON:
+            if DYSTRESS:
+                zc = z  # τ_ij is symmetric in the pair: the same logits
+            else:
+                tau_c = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)
+                zc = logits(S, tau_c[None, :], FAST)
+                if (c_lo < r * BLOCK_N + BLOCK_N) & (r * BLOCK_N < c_lo + BLOCK_M):  # the tile meets the diagonal
+                    zc = exact_positive(zc, S, valid & is_pos, tau_c, 0, FAST)
+            zc = tl.where(row_ok[:, None], zc, float("-inf"))
+            q_max = tl.max(zc, axis=0)
+            ec = tl.exp(zc - q_max[None, :])
+            tl.store(C_MAX + cp, q_max, mask=col_ok)
+            tl.store(C_SUM + cp, tl.sum(ec, axis=0), mask=col_ok)
+            if WS_ON:
+                tl.store(C_WS + cp, tl.sum(ec * S, axis=0), mask=col_ok)
+        if HINGE_ON:
+            mar_c = tl.load(MARGIN + h * smar_h + cols * smar_n, mask=col_ok, other=0.0).to(ACC)
+            pos_c = tl.load(POS + h * N + cols, mask=col_ok, other=0.0)
+            vc = mar_c[None, :] + S - pos_c[None, :]
+            tl.store(C_HINGE + cp, tl.sum(tl.where(neg_c, relu_keep_nan(vc), 0.0), axis=0), mask=col_ok)
+            tl.store(C_CNT + cp, tl.sum((neg_c & (vc > 0)).to(tl.int32), axis=0), mask=col_ok)
+        if HARD_ON:
+            c_max, c_arg = hardest(S, neg_c, rows[:, None], N, 0)
+            tl.store(C_HARD + cp, c_max, mask=col_ok)
+            tl.store(C_ARG + cp, c_arg.to(tl.int32), mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["K", "K_alloc", "L", "L_alloc", "off", "L_out", "finish", "sentinel"])
+def merge_kernel(
+    P_MAX, P_SUM, P_WS, P_HINGE, P_CNT, P_HARD, P_ARG,       # partials [H, K_alloc, L_alloc], first K in use
+    S_MAX, S_SUM, S_WS, S_HINGE, S_CNT, S_HARD, S_ARG,       # state / result [H, L_out], entries off … off + L
+    K, K_alloc, L, L_alloc, off, L_out, finish, sentinel,
+    LSE_ON: tl.constexpr, WS_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Fold K partials of each entry, in order k = 0, 1, …, into its state; with ``finish``, turn the state into
+    the statistics: S_MAX ← lse = m + log l, S_WS ← w / l."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    loc = b * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = loc < L
+    out = h * L_out + off + loc
+    if LSE_ON:
+        m = tl.load(S_MAX + out, mask=ok, other=float("-inf"))
+        l_ = tl.load(S_SUM + out, mask=ok, other=0.0)
+        if WS_ON:
+            w = tl.load(S_WS + out, mask=ok, other=0.0)
+    if HINGE_ON:
+        hinge = tl.load(S_HINGE + out, mask=ok, other=0.0)
+        cnt = tl.load(S_CNT + out, mask=ok, other=0)
+    if HARD_ON:
+        hard = tl.load(S_HARD + out, mask=ok, other=float("-inf"))
+        arg = tl.load(S_ARG + out, mask=ok, other=sentinel)
+    for k in range(0, K):
+        src = (h * K_alloc + k) * L_alloc + loc
+        if LSE_ON:
+            p_max = tl.load(P_MAX + src, mask=ok, other=0.0)
+            m_new = tl.maximum(m, p_max)
+            a_old = tl.exp(m - m_new)  # 0 while the state is empty (m = −inf)
+            a_new = tl.exp(p_max - m_new)
+            l_ = l_ * a_old + tl.load(P_SUM + src, mask=ok, other=0.0) * a_new
+            if WS_ON:
+                w = w * a_old + tl.load(P_WS + src, mask=ok, other=0.0) * a_new
+            m = m_new
+        if HINGE_ON:
+            hinge += tl.load(P_HINGE + src, mask=ok, other=0.0)
+            cnt += tl.load(P_CNT + src, mask=ok, other=0).to(tl.int64)
+        if HARD_ON:
+            p_hard = tl.load(P_HARD + src, mask=ok, other=float("-inf"))
+            p_arg = tl.load(P_ARG + src, mask=ok, other=sentinel).to(tl.int64)
+            hard, arg = merge_hardest(p_hard, p_arg, hard, arg)
+    if LSE_ON:
+        if finish:
+            tl.store(S_MAX + out, m + tl.log(l_), mask=ok)
+            if WS_ON:
+                tl.store(S_WS + out, w / l_, mask=ok)
+        else:
+            tl.store(S_MAX + out, m, mask=ok)
+            tl.store(S_SUM + out, l_, mask=ok)
+            if WS_ON:
+                tl.store(S_WS + out, w, mask=ok)
+    if HINGE_ON:
+        tl.store(S_HINGE + out, hinge, mask=ok)
+        tl.store(S_CNT + out, cnt, mask=ok)
+    if HARD_ON:
+        tl.store(S_HARD + out, hard, mask=ok)
+        tl.store(S_ARG + out, arg, mask=ok)
 
 
 def dot_upcast(x: torch.Tensor) -> bool:
     """The interpreter (CPU tensors) mishandles bf16: its tl.dot multiplies the raw bits and its fp32 → bf16 cast
-    truncates. There bf16 tiles go to fp32 before tl.dot and bf16 gradients are rounded by torch. Not on a GPU."""
+    truncates. There bf16 tiles go to fp32 before tl.dot. Not on a GPU."""
     return x.dtype == torch.bfloat16 and x.device.type != "cuda"
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """tl.dot's input_precision for fp32 inputs, from PyTorch's own switch (ignored for 16-bit inputs):
+    "highest" (PyTorch's default) → "tf32x3", fp32-accurate (the 1e-5 bar) on tensor cores; "high"/"medium" →
+    "tf32", as torch.matmul does then. fp64 and the interpreter: "ieee"."""
+    if x.dtype == torch.float64 or x.device.type != "cuda":
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def kernel_types(x: torch.Tensor):
+    """(statistics dtype, its triton type, FAST = base-2 logits) for the inputs' dtype."""
+    if x.dtype == torch.float64:
+        return torch.float64, tl.float64, False
+    return torch.float32, tl.float32, True
+
+
+def dystress_params(x: torch.Tensor, cdt: torch.dtype, tau_min: float, tau_max: float) -> torch.Tensor:
+    """(τ_min, ½(τ_max − τ_min)) as a device tensor in the statistics dtype. Not kernel float arguments: Triton
+    passes a Python float as fp32, which rounds τ for fp64 inputs. Filled on the device: no host sync."""
+    params = x.new_full((2,), float(tau_min), dtype=cdt)
+    params[1:].fill_(0.5 * (float(tau_max) - float(tau_min)))
+    return params
+
+
+def panel_width(N: int, M: int, D: int, per_column: int, block_m: int) -> int:
+    """Columns per panel: as many column blocks as keep ``per_column``·P extra elements within (N + M)·max(D,
+    BLOCK_M) — about one fp32 copy of x and y — and at least one block. Shared by the forward (partials) and
+    the backward (the ∂L/∂S panel)."""
+    budget = (N + M) * max(D, block_m)
+    blocks = max(1, budget // max(1, per_column * block_m))
+    return min(triton.cdiv(M, block_m), blocks) * block_m
 
 
 def launch_forward(x, y, tau, margin, targets, *, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max,
                    deterministic, cfg):
-    """Allocate the statistics (O(H·(N+M))), launch the two kernels, finish the column log-sum-exp.
-
-    Returns the 13 tensors of ``Stats`` in field order; fields not requested are empty tensors."""
+    """Allocate the statistics (O(H·(N+M))) and the partials, run the panels, return the 13 tensors of ``Stats``
+    in field order; fields not requested are empty tensors. ``deterministic`` needs nothing: every merge has a
+    fixed order."""
+    del deterministic
     H, N, D = x.shape
     M = y.shape[1]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if cdt == torch.float64 else tl.float32
-    upcast = dot_upcast(x)
-    precision = "ieee" if upcast or x.dtype in (torch.float32, torch.float64) else "tf32"  # ignored for bf16/fp16
+    cdt, acc, fast = kernel_types(x)
+    upcast, precision = dot_upcast(x), dot_precision(x)
+    ws = lse and ws
+    bn, bm = cfg.block_n, cfg.block_m
+    R = triton.cdiv(N, bn)
 
     pos = x.new_empty((H, N), dtype=cdt)
-    pos_kernel[(triton.cdiv(N, cfg.block_n), H)](
-        x, y, targets, pos, N, D, *x.stride(), *y.stride(), targets.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, ACC=acc, num_warps=cfg.num_warps)
+    if hinge:  # every tile's hinge needs pos first
+        pos_kernel[(R, H)](x, y, targets, pos, N, D, *x.stride(), *y.stride(), targets.stride(0),
+                           BLOCK_N=bn, BLOCK_D=cfg.block_d, ACC=acc, num_warps=4)
 
-    def rows(dtype=cdt, fill=None, on=True, n=N):
+    def state(n, on, dtype=cdt, fill=None):
         if not on:  # a fresh empty tensor each: the outputs of a custom op must not alias each other
             return x.new_empty(0, dtype=dtype)
         return x.new_full((H, n), fill, dtype=dtype) if fill is not None else x.new_empty((H, n), dtype=dtype)
 
-    lse_t, ws_t = rows(on=lse), rows(on=lse and ws)
-    hinge_t, cnt_t = rows(on=hinge), rows(torch.int64, on=hinge)
-    hard_t, arg_t = rows(on=hard), rows(torch.int64, on=hard)
-    c_max = rows(fill=float("-inf"), on=cols and lse, n=M)
-    c_sum, c_ws = rows(fill=0.0, on=cols and lse, n=M), rows(fill=0.0, on=cols and lse and ws, n=M)
-    c_hinge, c_cnt = rows(fill=0.0, on=cols and hinge, n=M), rows(torch.int64, fill=0, on=cols and hinge, n=M)
-    c_hard = rows(fill=float("-inf"), on=cols and hard, n=M)
-    c_arg = rows(torch.int64, fill=N, on=cols and hard, n=M)
-    num_c = triton.cdiv(M, cfg.block_m)
-    sync = x.new_zeros((H, num_c) if cols else (0,), dtype=torch.int32)
+    i64, i32 = torch.int64, torch.int32
+    # row state: lse ← running max m, plus running Σ, w; finished in the last merge
+    r_state = [state(N, lse, fill=float("-inf")), state(N, lse, fill=0.0), state(N, ws, fill=0.0),
+               state(N, hinge, fill=0.0), state(N, hinge, i64, 0), state(N, hard, fill=float("-inf")),
+               state(N, hard, i64, M)]
+    c_state = [state(M, cols and lse, fill=float("-inf")), state(M, cols and lse, fill=0.0),
+               state(M, cols and ws, fill=0.0), state(M, cols and hinge, fill=0.0),
+               state(M, cols and hinge, i64, 0), state(M, cols and hard, fill=float("-inf")),
+               state(M, cols and hard, i64, N)]
 
-    # unused pointer arguments get any valid tensor; their strides are never read
-    tau_arg = tau if tau is not None else pos
+    per_dir = 2 * lse + ws + 2 * hinge + 2 * hard
+    per_column = per_dir * (triton.cdiv(N, bm) + (R if cols else 0))
+    P = cfg.panel_blocks * bm or panel_width(N, M, D, per_column, bm)
+    C = P // bm
+
+    def partials(K, L, on_cols):
+        def buf(on, dtype=cdt):
+            on = on and (cols or not on_cols)
+            return x.new_empty((H, K, L) if on else (0,), dtype=dtype)
+        return [buf(lse), buf(lse), buf(ws), buf(hinge), buf(hinge, i32), buf(hard), buf(hard, i32)]
+
+    r_part = partials(C, N, False)
+    c_part = partials(R, P, True)
+    dys = dystress_params(x, cdt, tau_min, tau_max) if dystress else pos
+    tau_arg = tau if tau is not None else pos  # unused pointer arguments get any valid tensor
     mar_arg = margin if margin is not None else pos
     stau = tau.stride() if tau is not None else (0, 0)
     smar = margin.stride() if margin is not None else (0, 0)
-    half = 0.5 * (tau_max - tau_min)
-    stats_kernel[(triton.cdiv(N, cfg.block_n), H)](
-        x, y, targets, tau_arg, mar_arg, pos,
-        lse_t, ws_t, hinge_t, cnt_t, hard_t, arg_t,
-        c_max, c_sum, c_ws, c_hinge, c_cnt, c_hard, c_arg, sync,
-        N, M, D, float(tau_min), float(half),
-        *x.stride(), *y.stride(), targets.stride(0), *stau, *smar,
-        LSE_ON=lse, WS_ON=lse and ws, HINGE_ON=hinge, HARD_ON=hard, COLS=cols, DYSTRESS=dystress,
-        DETERMINISTIC=deterministic, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-        ACC=acc, PRECISION=precision, UPCAST=upcast, num_warps=cfg.num_warps)
-
-    lse_c, ws_c = rows(on=False), rows(on=False)
-    if cols and lse:  # finish the column log-sum-exp in place: lse_c = max + log Σ, ws_c = w / Σ  (O(H·M))
-        if ws:
-            ws_c = c_ws.div_(c_sum)
-        lse_c = c_sum.log_().add_(c_max)
-    return (pos, lse_t, hinge_t, cnt_t, hard_t, arg_t, ws_t, lse_c, c_hinge, c_cnt, c_hard, c_arg, ws_c)
+    flags = dict(LSE_ON=lse, WS_ON=ws, HINGE_ON=hinge, HARD_ON=hard)
+    merge = dict(BLOCK=cfg.merge_block, num_warps=4)
+    num_c = triton.cdiv(M, bm)
+    for cb0 in range(0, num_c, C):
+        c_here = min(C, num_c - cb0)
+        tile_kernel[(R, c_here, H)](
+            x, y, targets, tau_arg, mar_arg, pos, *r_part, *c_part,
+            N, M, D, cb0, C, P, dys,
+            *x.stride(), *y.stride(), targets.stride(0), *stau, *smar,
+            **flags, COLS=cols, DYSTRESS=dystress, POS_FROM_TILE=not hinge,
+            BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=cfg.block_d, ACC=acc, PRECISION=precision, UPCAST=upcast, FAST=fast,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        last = cb0 + C >= num_c
+        merge_kernel[(triton.cdiv(N, cfg.merge_block), H)](
+            *r_part, *r_state, c_here, C, N, N, 0, N, int(last), M, **flags, **merge)
+        if cols:
+            width = min(P, M - cb0 * bm)
+            merge_kernel[(triton.cdiv(width, cfg.merge_block), H)](
+                *c_part, *c_state, R, R, width, P, cb0 * bm, M, 1, N, **flags, **merge)
+    lse_t, _, ws_t, hinge_t, cnt_t, hard_t, arg_t = r_state
+    lse_c, _, ws_c, hinge_c, cnt_c, hard_c, arg_c = c_state
+    return (pos, lse_t, hinge_t, cnt_t, hard_t, arg_t, ws_t, lse_c, hinge_c, cnt_c, hard_c, arg_c, ws_c)

@@ -32,26 +32,33 @@ FIELDS = Stats._fields  # pos, lse, hinge, cnt, hard, arg, ws, lse_c, hinge_c, c
 
 @dataclass(frozen=True)
 class Config:
-    """Tile sizes: BLOCK_N rows × BLOCK_M columns per S tile, BLOCK_D features per tl.dot step, BLOCK_DO output
-    features per backward program. Powers of two ≥ 16 (tl.dot's minimum)."""
+    """Tiles: BLOCK_N rows × BLOCK_M columns per S tile (powers of two ≥ 16, tl.dot's minimum), BLOCK_D features
+    per tl.dot step, ``num_stages`` of software pipelining over D. ``merge_block``: entries per merge program.
+    ``bwd_panel_factor``: the backward's ∂L/∂S panel holds about factor·(N + M)·D elements (more: fewer,
+    larger GEMMs and less traffic on dx's accumulator; less: less memory)."""
 
-    block_n: int = 64
+    block_n: int = 128
     block_m: int = 64
-    block_d: int = 32
-    block_do: int = 64
-    num_warps: int = 4
+    block_d: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    merge_block: int = 256
+    bwd_panel_factor: int = 1
+    panel_blocks: int = 0  # column blocks per panel, forward and backward; 0: automatic (``panel_width``)
 
 
+# GPU: 16-bit and fp32 inputs feed the tensor cores with 128×64 tiles; fp64 (DMMA, 8-byte accumulators) smaller.
 GPU_CONFIG = Config()
+GPU_CONFIG_FP64 = Config(block_n=32, block_m=32, block_d=32, num_warps=4, num_stages=2)
 # The interpreter runs every program one after the other in numpy: small tiles keep the tests' multi-tile paths
-# (online merges, column locks, several D chunks) busy at small N.
-INTERPRETER_CONFIG = Config(block_n=16, block_m=16, block_d=16, block_do=32, num_warps=1)
+# (partial merges, several panels, several D steps) busy at small N.
+INTERPRETER_CONFIG = Config(block_n=16, block_m=16, block_d=16, num_warps=1, num_stages=1, merge_block=16)
 _override: Optional[Config] = None
 
 
 @contextlib.contextmanager
 def tile_config(cfg: Config):
-    """Use ``cfg`` for every launch inside the block (tests: force several tiles and D chunks)."""
+    """Use ``cfg`` for every launch inside the block (tests: force several tiles, panels and D steps)."""
     global _override
     previous, _override = _override, cfg
     try:
@@ -63,7 +70,9 @@ def tile_config(cfg: Config):
 def _config(x: Tensor) -> Config:
     if _override is not None:
         return _override
-    return GPU_CONFIG if x.device.type == "cuda" else INTERPRETER_CONFIG
+    if x.device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return GPU_CONFIG_FP64 if x.dtype == torch.float64 else GPU_CONFIG
 
 
 def _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max):

@@ -1,0 +1,180 @@
+"""Compile every Triton kernel launch of the ``triton`` backend for an H100 (sm_90) without a GPU, and report what
+the compiler made of it: registers, spills, shared memory, tensor-core and async-copy instructions, fp64 → fp32
+conversions.
+
+The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, not whether they compile for a GPU, nor how:
+a block shape tl.dot rejects, a silent fallback from tensor cores to FMA loops, a pipeline that did not form, or
+a register spill only shows in the compiled code. Triton ships ptxas, so the whole pipeline down to SASS runs here.
+
+How: the kernels are defined in compiler mode (no TRITON_INTERPRET) and ``JITFunction.run`` is replaced by a
+recorder; each loss call then records its launches (arguments, constexprs, warps, stages) instead of running them,
+with the GPU tile configuration and tl.dot precision forced. Each distinct launch is compiled with the same
+specialization Triton would apply at run time (16-byte alignment, divisibility by 16, integer 1 as a constant).
+
+    python python_tests/triton_sm90.py            # a table; exit status 1 if a check fails
+Used by test_triton_compile.py (in a subprocess: the test session runs the interpreter).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mmts_kernels as mk  # noqa: E402
+import mmts_kernels.triton_backend as tb  # noqa: E402
+from mmts_kernels.triton_backend import backward, forward, op  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.int64: "i64", torch.int32: "i32"}
+
+_recorded = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    _recorded.append((self, args, kwargs))
+
+
+def _pretend_gpu(precision: str) -> None:
+    """The CPU tensors of the recording stand for CUDA ones: no availability check, no interpreter upcast, the
+    tl.dot precision a GPU would use, and no host GEMMs (their inputs would be the recorded kernels' outputs)."""
+    JITFunction.run = _record
+    tb.unavailable_reason = lambda device=None: None
+    tb._check_mode = lambda x: None
+    forward.dot_upcast = backward.dot_upcast = lambda x: False
+    forward.dot_precision = backward.dot_precision = lambda x: precision
+    backward.matmul = lambda *args, **kwargs: None
+
+
+def record(dtype: torch.dtype, precision: str, **loss_kw):
+    """The launches of one forward + backward of ``mk.contrastive_loss(backend="triton", **loss_kw)``."""
+    _recorded.clear()
+    _pretend_gpu(precision)
+    g = torch.Generator().manual_seed(0)
+    n = loss_kw.pop("n", 512)
+    m = loss_kw.pop("m", n)
+    x = torch.randn(n, 64, generator=g).to(dtype).requires_grad_()
+    y = torch.randn(m, 64, generator=g).to(dtype).requires_grad_()
+    cfg = op.GPU_CONFIG_FP64 if dtype == torch.float64 else op.GPU_CONFIG
+    with op.tile_config(cfg):
+        mk.contrastive_loss(x, y, backend="triton", **loss_kw).backward()
+    return list(_recorded)
+
+
+def compile_launch(kernel, args, kwargs):
+    kw = dict(kwargs)
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    signature, constants, attrs = {}, {}, {}
+    values = iter(args)
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            signature[p.name], constants[p.name] = "constexpr", kw[p.name]
+            continue
+        v = next(values)
+        specialize = not p.do_not_specialize
+        if isinstance(v, torch.Tensor):
+            signature[p.name] = "*" + _TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            signature[p.name] = "i1"
+        elif isinstance(v, int):
+            if specialize and v == 1:
+                signature[p.name], constants[p.name] = "constexpr", 1
+                continue
+            signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if specialize and v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {p.name} of type {type(v).__name__}")
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=TARGET, options=options)
+
+
+def ptxas_report(ptx: str) -> dict:
+    """Registers, spill stores and stack frame from ptxas -v on the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+
+    def number(pattern):
+        found = re.findall(pattern, out)
+        return max((int(v) for v in found), default=0)
+
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                stack=number(r"(\d+) bytes stack frame"))
+
+
+CASES = [  # (name, dtype, tl.dot precision, loss keywords)
+    ("infonce per-sample tau", torch.bfloat16, "tf32", dict(temperature="per_sample")),
+    ("infonce per-sample tau", torch.float16, "tf32", dict(temperature="per_sample")),
+    ("infonce per-sample tau", torch.float32, "tf32x3", dict(temperature="per_sample")),
+    ("infonce per-sample tau", torch.float32, "tf32", dict(temperature="per_sample")),
+    ("infonce per-sample tau", torch.float64, "ieee", dict(temperature="per_sample")),
+    ("infonce DySTreSS", torch.bfloat16, "tf32", dict(temperature="dystress")),
+    ("infonce DySTreSS", torch.float64, "ieee", dict(temperature="dystress")),
+    ("infonce one-directional", torch.bfloat16, "tf32", dict(temperature="per_sample", symmetric=False)),
+    ("max-margin", torch.bfloat16, "tf32", dict(loss="max_margin", margin="per_sample")),
+    ("max-margin", torch.float64, "ieee", dict(loss="max_margin", margin="per_sample")),
+    ("max-margin hardest", torch.bfloat16, "tf32", dict(loss="max_margin", hardest_negative=True)),
+]
+
+
+def _loss_kwargs(kw: dict, n: int) -> dict:
+    kw = dict(kw)
+    if kw.get("temperature") == "per_sample":  # learnable: the backward's ws path too
+        kw["temperature"] = (0.05 + torch.rand(n)).requires_grad_()
+    elif kw.get("temperature") == "dystress":
+        kw["temperature"] = mk.DySTreSS(0.1, 0.2)
+    if kw.get("margin") == "per_sample":
+        kw["margin"] = (0.1 + 0.2 * torch.rand(n)).requires_grad_()
+    if kw.get("symmetric") is False:
+        kw["targets"] = torch.randperm(n)
+    return kw
+
+
+def check_all() -> list:
+    rows = []
+    for name, dtype, precision, kw in CASES:
+        seen = set()
+        for kernel, args, kwargs in record(dtype, precision, **_loss_kwargs(kw, 512)):
+            key = (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled = compile_launch(kernel, args, kwargs)
+            ptx = compiled.asm["ptx"]
+            rows.append(dict(case=name, dtype=str(dtype).replace("torch.", ""), precision=precision,
+                             kernel=kernel.fn.__name__, shared=compiled.metadata.shared,
+                             wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"),
+                             f64_to_f32=ptx.count("cvt.rn.f32.f64"), **ptxas_report(ptx)))
+    return rows
+
+
+if __name__ == "__main__":
+    table = check_all()
+    if "--json" in sys.argv:
+        print(json.dumps(table))
+    else:
+        cols = list(table[0])
+        print(" | ".join(cols))
+        for row in table:
+            print(" | ".join(str(row[c]) for c in cols))
