@@ -58,7 +58,7 @@ class Schedule:
 def recentred(mmts: Schedule, sizes: torch.Tensor) -> Schedule:
     """The cosine schedule with MM-TS's amplitude α around MM-TS's mean shift over the training samples."""
     alpha, lo, hi = mmts.params
-    centre = float(mk.schedules.cluster_shift(sizes, lo, hi).mean())
+    centre = float(mk.schedules.cluster_shift(sizes, lo, hi, n_min=sizes.min(), n_max=sizes.max()).mean())
     return Schedule("cosine", (centre - alpha / 2, centre + alpha / 2))
 
 
@@ -84,7 +84,7 @@ def schedule_value(s: Schedule, step: int, period: float, sizes: torch.Tensor):
     if s.kind == "cosine":
         return mk.schedules.cosine_temperature(step, *s.params, period)
     # n_min / n_max of the whole training set (the assignments keep the multiset of sizes): batch-independent.
-    return mk.schedules.mmts_temperature(step, period, sizes, *s.params)
+    return mk.schedules.mmts_temperature(step, period, sizes, *s.params, n_min=sizes.min(), n_max=sizes.max())
 
 
 @dataclass(frozen=True)

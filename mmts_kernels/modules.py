@@ -192,11 +192,13 @@ class MMTSLoss(nn.Module):
         self.shift_min, self.shift_max = shift_min, shift_max
         self.warmup_steps, self.warmup_start = warmup_steps, warmup_start
         self.loss = loss
-        # Validates period, alpha and the shifts once, at construction.
-        schedules.mmts_temperature(0, period, cluster_sizes[:1], alpha, shift_min, shift_max, n_min=0, n_max=1)
+        # The shift of every training sample, normalized by the training set's own extremes; this also validates
+        # period, alpha and the shifts once, at construction.
+        extremes = dict(n_min=cluster_sizes.min(), n_max=cluster_sizes.max())
+        schedules.mmts_temperature(0, period, cluster_sizes[:1], alpha, shift_min, shift_max, **extremes)
         schedules.linear_warmup(0, warmup_steps, 0.0, 0.0)
         self.register_buffer("cluster_sizes", cluster_sizes.detach().clone())
-        self.register_buffer("shift", schedules.cluster_shift(cluster_sizes, shift_min, shift_max).float())
+        self.register_buffer("shift", schedules.cluster_shift(cluster_sizes, shift_min, shift_max, **extremes).float())
         self.options = dict(hardest_negative=hardest_negative, symmetric=symmetric, reduction=reduction,
                             normalize=normalize, check_finite=check_finite, backend=backend,
                             deterministic=deterministic)

@@ -7,8 +7,11 @@
     warm-up v(t)   = start + (end − start)·min(t / W, 1)
 
 where n_c is the training-set size of sample i's cluster: head clusters (large n_c) get a higher τ. ``n_min`` and
-``n_max`` are the smallest and largest cluster sizes *of the training set*; when a batch's sizes are passed, pass
-them too (``MMTSLoss`` does), otherwise the batch's own extremes are used.
+``n_max`` are the smallest and largest cluster sizes *of the training set*, and they are required keyword arguments:
+taken from the sizes passed in, a batch's τ_i would depend on which other samples share the batch (three samples of
+one cluster would all get sh_min, whatever the dataset). For the whole training set's sizes, pass their own
+extremes: ``n_min=sizes.min(), n_max=sizes.max()``. ``MMTSLoss`` holds the training set's sizes and does this for
+you.
 
 ``step`` is a number or a 0-dim tensor (a tensor keeps ``torch.compile`` from specializing on its value); every
 function returns a float for a number and a tensor for a tensor.
@@ -17,11 +20,12 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
 Step = Union[float, torch.Tensor]
+SizeBound = Union[float, torch.Tensor]  # a number or a 0-dim tensor
 
 
 def cosine_temperature(step: Step, tau_min: float, tau_max: float, period: float) -> Union[float, torch.Tensor]:
@@ -37,12 +41,13 @@ def cluster_shift(
     shift_min: float = 0.05,
     shift_max: float = 0.20,
     *,
-    n_min: Optional[float] = None,
-    n_max: Optional[float] = None,
+    n_min: SizeBound,
+    n_max: SizeBound,
 ) -> torch.Tensor:
     """sh(c_i): per-sample shift, linear in the size of the sample's cluster, in [shift_min, shift_max].
 
-    float64, shape [N]. ``n_min``/``n_max`` default to the extremes of ``cluster_sizes``.
+    float64, shape [N]. ``n_min``/``n_max``: the smallest and largest cluster sizes of the training set (numbers or
+    0-dim tensors); every size in ``cluster_sizes`` must lie between them.
     """
     if not isinstance(cluster_sizes, torch.Tensor):
         cluster_sizes = torch.as_tensor(cluster_sizes)
@@ -53,16 +58,16 @@ def cluster_shift(
     if shift_max < shift_min:
         raise ValueError(f"need shift_min <= shift_max, got {shift_min} > {shift_max}")
     sizes = cluster_sizes.to(torch.float64)
-    if n_min is None or n_max is None:
-        if sizes.numel() == 0:
-            raise ValueError("cluster_sizes is empty: pass n_min and n_max, or at least one size")
-        lo, hi = sizes.min(), sizes.max()
-        n_min = lo if n_min is None else n_min
-        n_max = hi if n_max is None else n_max
-    span = torch.as_tensor(n_max, dtype=torch.float64, device=sizes.device) - n_min
-    if not torch.compiler.is_compiling() and bool(span < 0):
-        raise ValueError(f"need n_min <= n_max, got n_min={float(n_min)}, n_max={float(n_max)}")
-    frac = torch.where(span > 0, (sizes - n_min) / torch.where(span > 0, span, 1.0), 0.0)
+    lo, hi = (_size_bound(name, v, sizes.device) for name, v in (("n_min", n_min), ("n_max", n_max)))
+    span = hi - lo
+    if not torch.compiler.is_compiling():
+        if bool(span < 0):
+            raise ValueError(f"need n_min <= n_max, got n_min={float(lo)}, n_max={float(hi)}")
+        if sizes.numel() > 0 and bool((sizes.min() < lo) | (sizes.max() > hi)):
+            raise ValueError(f"cluster_sizes: values in [{float(sizes.min()):g}, {float(sizes.max()):g}] lie outside "
+                             f"[n_min, n_max] = [{float(lo):g}, {float(hi):g}]; n_min and n_max must be the smallest "
+                             f"and largest cluster sizes of the whole training set")
+    frac = torch.where(span > 0, (sizes - lo) / torch.where(span > 0, span, 1.0), 0.0)
     return shift_min + frac * (shift_max - shift_min)
 
 
@@ -74,14 +79,16 @@ def mmts_temperature(
     shift_min: float = 0.05,
     shift_max: float = 0.20,
     *,
-    n_min: Optional[float] = None,
-    n_max: Optional[float] = None,
+    n_min: SizeBound,
+    n_max: SizeBound,
 ) -> torch.Tensor:
     """MM-TS per-sample temperature τ_i(step), shape [N], float32 (float64 if cluster_sizes is float64).
 
-    ``period`` = total_steps / n_oscillations (the official default is 5 oscillations). The official EK-100 run
-    uses alpha=0.2, shift in [0.17, 0.30]; the defaults are the official argparse ones. τ stays > 0 as long as
-    alpha/2 < shift_min.
+    ``cluster_sizes`` [N]: the training-set cluster size of each sample (a batch's, or the whole training set's);
+    ``n_min``/``n_max``: the smallest and largest cluster sizes of the whole training set (required, so that a
+    sample's τ does not depend on its batch). ``period`` = total_steps / n_oscillations (the official default is 5
+    oscillations). The official EK-100 run uses alpha=0.2, shift in [0.17, 0.30]; the defaults are the official
+    argparse ones. τ stays > 0 as long as alpha/2 < shift_min.
     """
     _check_period(period)
     if not isinstance(alpha, Real) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
@@ -102,8 +109,8 @@ def mmts_margin(
     shift_min: float = 0.05,
     shift_max: float = 0.20,
     *,
-    n_min: Optional[float] = None,
-    n_max: Optional[float] = None,
+    n_min: SizeBound,
+    n_max: SizeBound,
 ) -> torch.Tensor:
     """MM-TS per-sample margin of the max-margin variant: the same value as ``mmts_temperature`` (official code)."""
     return mmts_temperature(step, period, cluster_sizes, alpha, shift_min, shift_max, n_min=n_min, n_max=n_max)
@@ -148,6 +155,19 @@ def _check_step(step: Step) -> Step:
     if isinstance(step, bool) or not isinstance(step, Real):
         raise TypeError(f"step must be a number or a 0-dim tensor, got {type(step).__name__}")
     return step
+
+
+def _size_bound(name: str, value, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number or a 0-dim real tensor, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        return value.reshape(()).to(device=device, dtype=torch.float64)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number (a cluster size of the training set), got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 def _cos(v):

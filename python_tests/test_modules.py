@@ -42,9 +42,9 @@ def test_mmts_loss_from_clusters_whole_dataset_and_warmup():
     crit = MMTSLoss(clusters_from_labels(labels), period=100, warmup_steps=10, warmup_start=0.5)
     assert crit.cluster_sizes.tolist() == [2, 2, 1, 3, 3, 3]
     torch.testing.assert_close(crit.values(0), torch.full((6,), 0.5))
-    schedule = mmts_temperature(5, 100, crit.cluster_sizes)
+    schedule = mmts_temperature(5, 100, crit.cluster_sizes, n_min=1, n_max=3)
     torch.testing.assert_close(crit.values(5), 0.5 + 0.5 * (schedule - 0.5))
-    torch.testing.assert_close(crit.values(40), mmts_temperature(40, 100, crit.cluster_sizes))
+    torch.testing.assert_close(crit.values(40), mmts_temperature(40, 100, crit.cluster_sizes, n_min=1, n_max=3))
     x, y = batch(N=6)
     assert torch.isfinite(crit(x, y, step=3))  # the whole dataset as one batch: index may be omitted
 
