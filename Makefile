@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mmts-installed
 
-.PHONY: test bench install clean
+.PHONY: test test-triton-latest bench install clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -18,6 +18,16 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest python_tests $(PYTEST_ARGS)
+
+# The Triton tests once more under the newest triton on PyPI (what a new user gets), beside the pinned one.
+TRITON_LATEST := $(VENV)/triton-latest
+$(TRITON_LATEST)/.installed: $(STAMP)
+	$(PY) -m pip install --upgrade --no-deps --target $(TRITON_LATEST) triton
+	touch $@
+
+test-triton-latest: $(TRITON_LATEST)/.installed
+	PYTHONPATH=$(TRITON_LATEST) $(PY) -c "import triton; print('triton', triton.__version__, triton.__file__)"
+	PYTHONPATH=$(TRITON_LATEST) MMTS_KERNELS_REQUIRE_BACKENDS=triton $(PY) -m pytest python_tests/test_triton.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

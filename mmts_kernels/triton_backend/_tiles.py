@@ -46,7 +46,8 @@ def s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
 @triton.jit
 def dystress_tau(s, tau_min, tau_half_range):
     """Per-pair temperature of DySTreSS; ``tau_half_range`` = ½(τ_max − τ_min), both loaded in s's dtype."""
-    return tau_min + tau_half_range * (1.0 + tl.cos(PI * (1.0 + s)))
+    return tau_min + tau_half_range * (1.0 + tl.cos((1.0 + s) * PI))  # tensor first: constexpr * tensor is a
+    # constexpr under the interpreter of triton ≥ 3.7, which tl.cos then rejects
 
 
 @triton.jit

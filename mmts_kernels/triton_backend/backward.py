@@ -114,7 +114,7 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
     return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
 
-@triton.jit(do_not_specialize=["N", "M", "cb0", "P"])
+@triton.jit(do_not_specialize=["N", "M", "cb0", "P", "st", "stau_h", "stau_n", "smar_h", "smar_n"])
 def ds_kernel(
     X, Y, DS, SCALE,
     T, TAU, MARGIN, POS, LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG, LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
@@ -172,6 +172,9 @@ def _matmul_precision(value: str):
         torch.set_float32_matmul_precision(previous)
 
 
+_OUT_DTYPE_MM = True  # torch.mm/addmm(..., out_dtype=fp32) on 16-bit operands works here (until it raises)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """out (+)= a @ b, accumulated in out's dtype (fp32 out from bf16/fp16 operands: cuBLAS's fp32 output mode).
     fp32 operands on a GPU under matmul precision "highest": the three-TF32 split, fp32-accurate at tensor-core
@@ -184,10 +187,21 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
             matmul(a_lo, b_hi, out, True)
         return
     if a.dtype != out.dtype:  # bf16/fp16 operands, fp32 result
+        global _OUT_DTYPE_MM
+        if _OUT_DTYPE_MM:
+            try:
+                if accumulate:
+                    torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+                else:
+                    torch.mm(a, b, out_dtype=out.dtype, out=out)
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                _OUT_DTYPE_MM = False  # a torch without cuBLAS's fp32-output mode (out_dtype): round per panel
+        product = (a @ b).to(out.dtype)
         if accumulate:
-            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            out.add_(product)
         else:
-            torch.mm(a, b, out_dtype=out.dtype, out=out)
+            out.copy_(product)
     elif accumulate:
         out.addmm_(a, b)
     else:

@@ -59,7 +59,7 @@ def pos_kernel(X, Y, T, POS, N, D, sxh, sxn, sxd, syh, sym, syd, st,
     tl.store(POS + h * N + rows, acc, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["N", "M", "cb0", "C", "P"])
+@triton.jit(do_not_specialize=["N", "M", "cb0", "C", "P", "st", "stau_h", "stau_n", "smar_h", "smar_n"])
 def tile_kernel(
     X, Y, T, TAU, MARGIN, POS,
     R_MAX, R_SUM, R_WS, R_HINGE, R_CNT, R_HARD, R_ARG,      # row partials    [H, C, N]
@@ -291,7 +291,9 @@ def launch_forward(x, y, tau, margin, targets, *, lse, hinge, hard, ws, cols, dy
                state(M, cols and hard, i64, N)]
 
     per_dir = 2 * lse + ws + 2 * hinge + 2 * hard
-    per_column = per_dir * (triton.cdiv(N, bm) + (R if cols else 0))
+    # partial entries a column of the panel costs; counted twice, so the partials stay within half the budget of
+    # ``panel_width``: the forward's peak then stays below the backward's
+    per_column = 2 * per_dir * (triton.cdiv(N, bm) + (R if cols else 0))
     P = cfg.panel_blocks * bm or panel_width(N, M, D, per_column, bm)
     C = P // bm
 
