@@ -2,9 +2,13 @@
 
     python -m bench.cpp_vs_gemm [--sizes 8192] [--dim 256] [--repeats 3] [--mem-size 16384] [--out FILE.md]
 
+Writes a new markdown file every run (default bench/results/cpu-cpp-vs-gemm-<date>-<time>.md); it refuses to
+overwrite an existing --out, so results quoted elsewhere stay as they were measured.
+
 Time: forward + backward of fp32 symmetric InfoNCE with a per-sample temperature, for the cpp backend and the
-torch reference, next to the time of three bare GEMMs (S = x·yᵀ, S·y, Sᵀ·x: what any implementation must at
-least compute), all measured in the same run; medians after a warm-up. Ratios are what to compare across
+torch reference, next to the time of three bare GEMMs (S = x·yᵀ, S·y, Sᵀ·x, 2·N·N·D FLOPs each: what any
+implementation must at least compute), all measured in the same run; medians after a warm-up, with the min–max
+of the repeats (a row whose range exceeds half its median is marked NOISY). Ratios are what to compare across
 machines, not the absolute times.
 
 Memory: peak RSS growth (VmHWM of /proc/self/status) of one fwd+bwd in a fresh subprocess per backend, after the
@@ -13,6 +17,7 @@ inputs, their gradients and the extension are in memory, so the number is the lo
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -35,14 +40,18 @@ def make_inputs(N: int, D: int):
     return x, y, tau
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (and, for cpp, the first-use build)
+NOISY_RANGE = 0.5  # (max − min) / median of the repeats above which a row is marked NOISY
+
+
+def repeat_times(fn, repeats: int):
+    """(min, median, max) seconds of ``repeats`` calls after one warm-up call (for cpp: the first-use build)."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times), statistics.median(times), max(times)
 
 
 def time_one_size(N: int, D: int, repeats: int) -> dict:
@@ -60,10 +69,21 @@ def time_one_size(N: int, D: int, repeats: int) -> dict:
             mk.info_nce(x, y, tau, backend=backend).backward()
         return run
 
-    out = {"N": N, "D": D, "gemm3_s": median_time(gemms, repeats)}
-    for backend in ("cpp", "torch"):
-        out[f"{backend}_s"] = median_time(loss(backend), repeats)
+    out = {"N": N, "D": D}
+    for name, fn in (("gemm3", gemms), ("cpp", loss("cpp")), ("torch", loss("torch"))):
+        out[f"{name}_min"], out[f"{name}_s"], out[f"{name}_max"] = repeat_times(fn, repeats)
     return out
+
+
+def spread_note(r: dict) -> str:
+    """"NOISY: …" naming the timings whose repeats ranged wider than ``NOISY_RANGE`` of their median, else ""."""
+    wide = [name for name in ("gemm3", "cpp", "torch")
+            if (r[f"{name}_max"] - r[f"{name}_min"]) > NOISY_RANGE * r[f"{name}_s"]]
+    return f"NOISY: {', '.join(wide)}" if wide else ""
+
+
+def _range(r: dict, name: str) -> str:
+    return f"{r[f'{name}_s']:.3f} ({r[f'{name}_min']:.3f}–{r[f'{name}_max']:.3f})"
 
 
 _MEM_SCRIPT = """
@@ -101,14 +121,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mem-size", type=int, default=16384, help="N = M of the memory measurement (0: skip)")
-    parser.add_argument("--out", type=str, default=None, help="also write the results as Markdown here")
+    parser.add_argument("--out", type=str, default=None,
+                        help="the markdown file to write (must not exist; default: a new file in bench/results)")
     args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+        args.out = str(root / "bench" / "results" / f"cpu-cpp-vs-gemm-{stamp}.md")
+    if Path(args.out).exists():
+        sys.exit(f"--out {args.out} exists: results are never overwritten; choose a new file")
 
     reason = mk.backends.unavailable_reason("cpp", torch.device("cpu"))
     if reason is not None:
@@ -116,13 +143,14 @@ def main(argv=None) -> None:
     header = (f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}), "
               f"torch {torch.__version__}, fp32, symmetric InfoNCE, per-sample tau, fwd+bwd")
     lines = [header, "",
-             "| N = M | D | 3 GEMMs (s) | cpp (s) | torch (s) | cpp / 3 GEMMs | cpp / torch |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "Times: median (min–max) of the repeats, in seconds.", "",
+             "| N = M | D | 3 GEMMs (s) | cpp (s) | torch (s) | cpp / 3 GEMMs | cpp / torch | note |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
     print(header)
     for N in args.sizes:
         r = time_one_size(N, args.dim, args.repeats)
-        row = (f"| {N} | {args.dim} | {r['gemm3_s']:.3f} | {r['cpp_s']:.3f} | {r['torch_s']:.3f} | "
-               f"{r['cpp_s'] / r['gemm3_s']:.2f} | {r['cpp_s'] / r['torch_s']:.2f} |")
+        row = (f"| {N} | {args.dim} | {_range(r, 'gemm3')} | {_range(r, 'cpp')} | {_range(r, 'torch')} | "
+               f"{r['cpp_s'] / r['gemm3_s']:.2f} | {r['cpp_s'] / r['torch_s']:.2f} | {spread_note(r)} |")
         lines.append(row)
         print(row, flush=True)
     if args.mem_size:
@@ -136,12 +164,14 @@ def main(argv=None) -> None:
         ratio = f"cpp / torch peak memory growth: {growth['cpp'] / max(growth['torch'], 1):.3f}"
         lines += ["", ratio]
         print(ratio)
-    if args.out:
-        command = "python -m bench.cpp_vs_gemm " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = [f"# cpp backend vs torch reference vs three GEMMs ({time.strftime('%Y-%m-%d')})", "",
-                f"Command: `{command.strip()}`", ""] + lines
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(text) + "\n")
+    command = "python -m bench.cpp_vs_gemm " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = [f"# cpp backend vs torch reference vs three GEMMs ({time.strftime('%Y-%m-%d')})", "",
+            f"Command: `{command.strip()}`", ""] + lines
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "x") as f:
+        f.write("\n".join(text) + "\n")
+    print(f"wrote {args.out}")
+    return args.out
 
 
 if __name__ == "__main__":

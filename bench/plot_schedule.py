@@ -1,24 +1,26 @@
 """Plot the MM-TS per-sample temperature over training steps for a few cluster sizes (and the TS baseline).
 
-    python -m bench.plot_schedule [--out bench/results/mmts-schedule.png] [--total-steps 10000] ...
+    python -m bench.plot_schedule [--out FILE.png] [--total-steps 10000] ...
 
-Needs matplotlib (the ``plot`` extra: pip install -e ".[plot]").
+Writes a new file (default bench/results/mmts-schedule-<date>-<time>.png) and refuses to overwrite an existing
+--out, so a committed figure stays as it was made. Needs matplotlib (the ``plot`` extra: pip install -e ".[plot]").
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 from pathlib import Path
 
 import torch
 
 from mmts_kernels import schedules
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "mmts-schedule.png"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, help="PNG to write; must not exist (default: a new file in bench/results)")
     p.add_argument("--total-steps", type=int, default=10_000)
     p.add_argument("--n-oscillations", type=float, default=5)
     p.add_argument("--alpha", type=float, default=0.2)
@@ -27,6 +29,10 @@ def main(argv=None) -> Path:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 50, 200, 500],
                    help="cluster sizes to draw; the smallest and largest set n_min and n_max")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / f"mmts-schedule-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.png"
+    if args.out.exists():
+        raise SystemExit(f"--out {args.out} exists: figures are never overwritten; choose a new file")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -37,8 +43,10 @@ def main(argv=None) -> Path:
     period = args.total_steps / args.n_oscillations
     sizes = torch.tensor(sorted(args.sizes))
     steps = torch.arange(0, args.total_steps + 1, max(1, args.total_steps // 1000))
+    n_min, n_max = int(sizes.min()), int(sizes.max())
     tau = torch.stack([schedules.mmts_temperature(int(s), period, sizes, args.alpha, args.shift_min,
-                                                  args.shift_max) for s in steps])  # [T, K]
+                                                  args.shift_max, n_min=n_min, n_max=n_max)
+                       for s in steps])  # [T, K]
     ts = [schedules.cosine_temperature(int(s), args.shift_min - args.alpha / 2, args.shift_max + args.alpha / 2,
                                        period) for s in steps]
 

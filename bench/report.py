@@ -2,19 +2,27 @@
 
 A result row is a dict with the CSV fields (``CSV_FIELDS``) plus ``note`` (why a value is missing: OOM, a compile
 failure, …), which goes to the table and the markdown but not to the CSV. Missing values are ``nan``.
+``ms_q1``/``ms_q3`` are the quartiles of the timed repeats (``repeats`` of them); a cell whose spread is too wide
+to trust, or whose forward took longer than its forward+backward, is flagged in the table (``trust_flags``).
 """
 from __future__ import annotations
 
 import csv
 import math
 import os
+import platform
 import re
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-CSV_FIELDS = ["device", "backend", "loss", "dtype", "N", "M", "D", "pass", "ms_median", "peak_mem_bytes", "tflops"]
+import torch
+
+CSV_FIELDS = ["device", "backend", "loss", "dtype", "N", "M", "D", "pass", "ms_median", "peak_mem_bytes", "tflops",
+              "ms_q1", "ms_q3", "repeats"]
 REFERENCE = "torch"
 GEMM = "gemm"
+# A cell is flagged when the interquartile range of some pass's repeats exceeds this fraction of its median.
+NOISY_SPREAD = 0.25
 # Flops of one pass of a loss over S = x yᵀ, in units of N·M·D: forward 2 (S), backward 6 (S again, dS·y, dSᵀ·x).
 FLOP_FACTOR = {"forward": 2, "backward": 6, "full": 8}
 
@@ -29,19 +37,45 @@ def tflops(backend: str, pass_: str, N: int, M: int, D: int, ms: float) -> float
     return flops(backend, pass_, N, M, D) / (ms * 1e-3) / 1e12
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo: what result files are named after."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def file_stem(device_name: str, date: str) -> str:
     """``<device>-<date>`` with the device name made safe for a file name."""
     safe = re.sub(r"[^A-Za-z0-9._+]+", "-", device_name).strip("-.") or "device"
     return f"{safe}-{date}"
 
 
+def new_stem(out_dir: str, stem: str, suffixes) -> str:
+    """``out_dir/stem`` (then ``stem-2``, ``stem-3``, …): the first path stem none of whose ``suffixes`` files exists,
+    so that a run never overwrites an earlier one."""
+    os.makedirs(out_dir, exist_ok=True)
+    base, k = os.path.abspath(os.path.join(out_dir, stem)), 1
+    path = base
+    while any(os.path.exists(path + suffix) for suffix in suffixes):
+        k += 1
+        path = f"{base}-{k}"
+    return path
+
+
 def write_csv(rows: List[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "x", newline="") as f:  # "x": never overwrite a result
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         for r in rows:
-            writer.writerow([_csv_value(r[k]) for k in CSV_FIELDS])
+            writer.writerow([_csv_value(r.get(k, math.nan)) for k in CSV_FIELDS])
 
 
 def _csv_value(v):
@@ -54,7 +88,7 @@ def _csv_value(v):
 # The summary table: one line per (loss, dtype, N, D, backend), the three passes side by side.
 
 def summary(rows: List[dict]) -> List[dict]:
-    """Pivoted lines with ratios against the torch reference and the GEMM ceiling of the same (dtype, N, D)."""
+    """Pivoted lines with ratios against the torch reference and the GEMM rate of the same (dtype, N, D)."""
     cells: Dict[tuple, dict] = defaultdict(dict)
     notes: Dict[tuple, set] = defaultdict(set)
     gemm: Dict[tuple, dict] = {}
@@ -72,24 +106,57 @@ def summary(rows: List[dict]) -> List[dict]:
         ref = cells.get((loss, dtype, N, D, REFERENCE), {})
         full, ref_full = passes.get("full", {}), ref.get("full", {})
         g = gemm.get((dtype, N, D), {})
+        spread = max((_spread(r) for r in passes.values()), default=math.nan, key=_nan_low)
+        flags = trust_flags(passes)
         lines.append(dict(
-            loss=loss, dtype=dtype, N=N, D=D, backend=backend,
+            loss=loss, dtype=dtype, N=N, D=D, backend=backend, spread=spread,
             fwd_ms=_get(passes, "forward", "ms_median"), bwd_ms=_get(passes, "backward", "ms_median"),
             full_ms=full.get("ms_median", math.nan), full_tflops=full.get("tflops", math.nan),
             of_gemm=_ratio(full.get("tflops"), g.get("tflops")),
             full_mib=_mib(full.get("peak_mem_bytes")),
             speedup=_ratio(ref_full.get("ms_median"), full.get("ms_median")),
             mem_ratio=_ratio(full.get("peak_mem_bytes"), ref_full.get("peak_mem_bytes")),
-            note="; ".join(sorted(notes[key])),
+            note="; ".join(flags + sorted(notes[key])),
         ))
     order = {b: i for i, b in enumerate(_backend_order(rows))}
     lines.sort(key=lambda l: (l["loss"], l["dtype"], l["D"], l["N"], order.get(l["backend"], 99)))
     return lines
 
 
+def trust_flags(passes: Dict[str, dict]) -> List[str]:
+    """Why the times of one cell (its rows by pass) should not be trusted; empty when nothing looks wrong."""
+    flags = []
+    wide = [p for p, r in passes.items() if _spread(r) > NOISY_SPREAD]
+    if wide:
+        worst = max(_spread(passes[p]) for p in wide)
+        flags.append(f"NOISY: repeats spread {worst:.0%} of the median ({', '.join(wide)})")
+    fwd, full = _get(passes, "forward", "ms_median"), _get(passes, "full", "ms_median")
+    if math.isfinite(fwd) and math.isfinite(full) and fwd > full:
+        flags.append("NOISY: forward slower than forward+backward")
+    return flags
+
+
+def _spread(row: dict) -> float:
+    """The interquartile range of a row's repeats over its median (nan when unknown, or from fewer than 3 repeats:
+    no spread to speak of)."""
+    try:
+        q1, q3, med = float(row.get("ms_q1")), float(row.get("ms_q3")), float(row.get("ms_median"))
+        if int(row.get("repeats") or 0) < 3:
+            return math.nan
+    except (TypeError, ValueError):
+        return math.nan
+    return (q3 - q1) / med if all(map(math.isfinite, (q1, q3, med))) and med > 0 else math.nan
+
+
+def _nan_low(v: float) -> float:
+    return v if math.isfinite(v) else -math.inf
+
+
 def gemm_lines(rows: List[dict]) -> List[dict]:
     out = [dict(dtype=r["dtype"], N=r["N"], D=r["D"], ms=r["ms_median"], tflops=r["tflops"],
-                mib=_mib(r["peak_mem_bytes"]), note=r.get("note", "")) for r in rows if r["backend"] == GEMM]
+                mib=_mib(r["peak_mem_bytes"]), spread=_spread(r),
+                note="; ".join(trust_flags({"forward": r}) + ([r["note"]] if r.get("note") else [])))
+           for r in rows if r["backend"] == GEMM]
     return sorted(out, key=lambda l: (l["dtype"], l["D"], l["N"]))
 
 
@@ -130,7 +197,7 @@ def _fmt(v, spec: str, suffix: str = "") -> str:
 _COLUMNS = [  # (title, key, format, suffix)
     ("loss", "loss", "", ""), ("dtype", "dtype", "", ""), ("N", "N", "d", ""), ("D", "D", "d", ""),
     ("backend", "backend", "", ""), ("fwd ms", "fwd_ms", ".2f", ""), ("bwd ms", "bwd_ms", ".2f", ""),
-    ("fwd+bwd ms", "full_ms", ".2f", ""), ("TFLOP/s", "full_tflops", ".3f", ""), ("of GEMM", "of_gemm", ".0%", ""),
+    ("fwd+bwd ms", "full_ms", ".2f", ""), ("spread", "spread", ".0%", ""), ("TFLOP/s", "full_tflops", ".3f", ""), ("of GEMM", "of_gemm", ".0%", ""),
     ("peak MiB", "full_mib", ".1f", ""), ("speed vs torch", "speedup", ".2f", "×"),
     ("mem vs torch", "mem_ratio", ".2f", "×"), ("note", "note", "", ""),
 ]
@@ -141,7 +208,7 @@ def _table_cells(lines: List[dict]) -> List[List[str]]:
 
 
 def format_table(rows: List[dict]) -> str:
-    """Plain-text table for stdout: the loss lines, then the GEMM ceiling."""
+    """Plain-text table for stdout: the loss lines, then the GEMM rate."""
     header = [t for t, *_ in _COLUMNS]
     body = _table_cells(summary(rows))
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
@@ -156,7 +223,7 @@ def format_table(rows: List[dict]) -> str:
 
 
 def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
-    """The markdown summary: how the run was made, then the table and the GEMM ceiling."""
+    """The markdown summary: how the run was made, then the table and the GEMM rate."""
     out = [f"# Benchmark: {meta.get('device', '?')}, {meta.get('date', '?')}", ""]
     out += [f"- **{k}**: {v}" for k, v in meta.items()]
     out += ["", "Times are medians after warm-up (GPU: `triton.testing.do_bench`; CPU: repeat-and-median); peak "
@@ -164,15 +231,19 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
             "mark growth in a fresh process per cell). TFLOP/s count 8·N·M·D per forward+backward (2 forward, "
             "6 backward). \"vs torch\": the eager torch reference's fwd+bwd time divided by this backend's (higher is "
             "faster), and this backend's fwd+bwd peak memory divided by the reference's (lower is leaner). "
-            "\"of GEMM\": the fwd+bwd rate as a fraction of one bare N×D·D×N GEMM's rate.", ""]
+            "\"of GEMM\": the fwd+bwd rate as a fraction of one bare N×D·D×N GEMM's rate. \"spread\": the "
+            "widest interquartile range of a pass's timed repeats, as a fraction of its median; cells over "
+            f"{NOISY_SPREAD:.0%}, or whose forward took longer than their forward+backward, are marked NOISY in the "
+            "note: re-run them on a quiet machine before quoting them.", ""]
     header = [t for t, *_ in _COLUMNS]
     out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in _table_cells(summary(rows))]
     g = gemm_lines(rows)
     if g:
-        out += ["", "## GEMM ceiling", "", "| dtype | N | D | ms | TFLOP/s | note |", "|---|---|---|---|---|---|"]
-        out += [f"| {l['dtype']} | {l['N']} | {l['D']} | {_fmt(l['ms'], '.3f')} | {_fmt(l['tflops'], '.3f')} | "
-                f"{l['note']} |" for l in g]
+        out += ["", "## GEMM rate", "", "| dtype | N | D | ms | spread | TFLOP/s | note |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {l['dtype']} | {l['N']} | {l['D']} | {_fmt(l['ms'], '.3f')} | {_fmt(l['spread'], '.0%')} | "
+                f"{_fmt(l['tflops'], '.3f')} | {l['note']} |" for l in g]
     return "\n".join(out) + "\n"
 
 

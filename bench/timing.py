@@ -1,10 +1,12 @@
 """Timers and peak-memory probes for one operation.
 
 Time
-    GPU: ``triton.testing.do_bench`` (median of the 0.5/0.2/0.8 quantiles; it warms up and flushes the L2 cache
-         itself); CUDA events around each call when triton is not importable.
-    CPU: ``warmup`` untimed calls, then the median of ``repeats`` ``perf_counter`` timings. A ``setup`` callable,
-         when given, runs untimed before every call (e.g. the forward whose backward is being timed).
+    GPU: ``triton.testing.do_bench`` (every repeat it made; it warms up and flushes the L2 cache itself); CUDA
+         events around each call when triton is not importable.
+    CPU: ``warmup`` untimed calls, then ``repeats`` ``perf_counter`` timings. A ``setup`` callable, when given,
+         runs untimed before every call (e.g. the forward whose backward is being timed).
+    Reported: the median and the quartiles of the repeats (``Timing``), so a noisy measurement shows as a wide
+    interquartile range instead of passing for a clean one.
 
 Memory: the growth an operation causes over what was allocated before it, never the process baseline.
     GPU: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
@@ -18,9 +20,11 @@ Memory: the growth an operation causes over what was allocated before it, never 
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -39,28 +43,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5, warmup: int = 1,
-              setup: Optional[Callable[[], object]] = None, grad_to_none=()) -> float:
-    """Median wall time of ``fn()`` in milliseconds (``fn(setup())`` when ``setup`` is given).
+@dataclass(frozen=True)
+class Timing:
+    """Summary of the timed repeats of one operation, in milliseconds: median and quartiles (``q1``/``q3``, linear
+    interpolation between the sorted repeats; with one repeat all three are that repeat)."""
 
-    On CUDA without ``setup`` this is ``triton.testing.do_bench``; ``grad_to_none`` tensors get ``.grad = None``
-    before every call so gradient accumulation does not add an extra kernel.
+    median: float
+    q1: float
+    q3: float
+    n: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median: how far apart the repeats were."""
+        return (self.q3 - self.q1) / self.median if self.median > 0 else math.nan
+
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> "Timing":
+        ts = sorted(float(t) for t in times_ms)
+        if not ts:
+            raise ValueError("no timings")
+        return cls(median=statistics.median(ts), q1=_quantile(ts, 0.25), q3=_quantile(ts, 0.75), n=len(ts))
+
+
+def _quantile(sorted_ts: Sequence[float], q: float) -> float:
+    pos = q * (len(sorted_ts) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(sorted_ts) - 1)
+    return sorted_ts[lo] + (sorted_ts[hi] - sorted_ts[lo]) * (pos - lo)
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5, warmup: int = 1,
+               setup: Optional[Callable[[], object]] = None, grad_to_none=()) -> Timing:
+    """The repeats of ``fn()`` (``fn(setup())`` when ``setup`` is given), summarized in milliseconds.
+
+    On CUDA without ``setup`` this is ``triton.testing.do_bench`` (its own warm-up, L2 flush before each call, as
+    many repeats as fit in 100 ms, at least one; ``repeats`` is ignored); ``grad_to_none`` tensors get
+    ``.grad = None`` before every call so gradient accumulation does not add an extra kernel.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-
-    def call():
-        for t in grad_to_none:
-            t.grad = None
-        return fn() if setup is None else fn(setup())
-
     if device.type == "cuda" and setup is None:
         try:
             from triton.testing import do_bench
         except ImportError:
             do_bench = None
         if do_bench is not None:
-            return float(do_bench(fn, grad_to_none=list(grad_to_none) or None, quantiles=[0.5, 0.2, 0.8])[0])
+            return Timing.of(do_bench(fn, grad_to_none=list(grad_to_none) or None, return_mode="all"))
+
+    def call():
+        for t in grad_to_none:
+            t.grad = None
+        return fn() if setup is None else fn(setup())
+
     for _ in range(warmup):
         call()
         _sync(device)
@@ -82,7 +117,12 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 
             fn() if setup is None else fn(arg)
             times.append((time.perf_counter() - t0) * 1e3)
         del arg
-    return statistics.median(times)
+    return Timing.of(times)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, **kwargs) -> float:
+    """``measure_ms(...).median``."""
+    return measure_ms(fn, device, **kwargs).median
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Smoke tests of the benchmark (`python -m bench`), plus the pieces it rests on: the CPU peak-memory probe, FLOP
-counting and file names. The long-tail experiment (`python -m bench.longtail`) is tested in test_longtail.py."""
+"""Smoke tests of the benchmark commands (`python -m bench`, `bench.gpu_check`, `bench.cpp_vs_gemm`,
+`bench.plot_schedule`) at tiny sizes, plus the pieces they rest on: the competitor losses, the chunked float64
+reference, the CPU peak-memory probe, FLOP counting, repeat spreads and file names that never overwrite.
+The long-tail experiment (`python -m bench.longtail`) is tested in test_longtail.py."""
 from __future__ import annotations
 
 import csv
@@ -14,33 +16,181 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench` is not an installed package: import it from the checkout
 
-from bench import report  # noqa: E402
-from bench.timing import PeakMemory, cpu_probe_reason  # noqa: E402
+import mmts_kernels as mk  # noqa: E402
+from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report  # noqa: E402
+from bench.__main__ import run_grouped  # noqa: E402
+from bench.timing import PeakMemory, Timing, cpu_probe_reason  # noqa: E402
+
+HEADER = "device,backend,loss,dtype,N,M,D,pass,ms_median,peak_mem_bytes,tflops,ms_q1,ms_q3,repeats"
+CPP = pytest.mark.skipif(mk.backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
+                         reason=f"cpp backend: {mk.backends.unavailable_reason('cpp', torch.device('cpu'))}")
 
 
-def _run(args):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+def _run(args, timeout=300, **env_extra):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def test_bench_writes_the_csv_with_the_exact_header(tmp_path):
-    proc = _run(["-m", "bench", "--sizes", "64", "--repeats", "1", "--no-plot", "--no-progress", "--backends",
-                 "torch", "--losses", "infonce", "--threads", "1", "--out-dir", str(tmp_path)])
+def _bench_csv(tmp_path, *extra):
+    proc = _run(["-m", "bench", "--sizes", "64", "--repeats", "1", "--no-plot", "--no-progress", "--losses", "infonce",
+                 "--threads", "1", "--out-dir", str(tmp_path), *extra])
     assert proc.returncode == 0, proc.stderr[-2000:]
     [csv_path] = [p for p in tmp_path.iterdir() if p.suffix == ".csv"]
-    with open(csv_path) as f:
-        lines = f.read().splitlines()
-    assert lines[0] == "device,backend,loss,dtype,N,M,D,pass,ms_median,peak_mem_bytes,tflops"
-    rows = list(csv.DictReader(lines))
-    assert {(r["backend"], r["pass"]) for r in rows} == {("gemm", "forward"), ("torch", "forward"),
-                                                         ("torch", "backward"), ("torch", "full")}
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == HEADER
+    return proc, csv_path, list(csv.DictReader(lines))
+
+
+def _assert_measured(rows, backends):
+    assert {(r["backend"], r["pass"]) for r in rows} == {("gemm", "forward")} | {
+        (b, p) for b in backends for p in ("forward", "backward", "full")}
     for r in rows:
         assert (r["N"], r["M"], r["D"]) == ("64", "64", "256")
-        assert math.isfinite(float(r["ms_median"])) and float(r["ms_median"]) > 0
+        assert math.isfinite(float(r["ms_median"])) and float(r["ms_median"]) > 0, r
         assert float(r["tflops"]) > 0
+        assert float(r["ms_q1"]) <= float(r["ms_median"]) <= float(r["ms_q3"]) and r["repeats"] == "1"
+
+
+def test_bench_torch_and_openclip_cells(tmp_path):
+    proc, csv_path, rows = _bench_csv(tmp_path, "--backends", "torch", "openclip")
+    _assert_measured(rows, ["torch", "openclip"])
     md = csv_path.with_suffix(".md").read_text()
-    assert "torch" in md and "command" in md and torch.__version__ in md
+    assert "openclip" in md and "command" in md and torch.__version__ in md
+    assert "## GEMM rate" in md and "ceiling" not in md.lower() and "spread" in md
     assert "fwd+bwd ms" in proc.stdout  # the table on stdout
+
+
+@CPP
+def test_bench_cpp_and_torch_compile_cells(tmp_path):
+    # one worker process per backend (the GPU path): torch.compile compiles once, not once per measurement
+    _, _, rows = _bench_csv(tmp_path, "--backends", "cpp", "torch_compile", "--workers", "per-backend")
+    _assert_measured(rows, ["cpp", "torch_compile"])
+
+
+def test_bench_runs_never_overwrite(tmp_path):
+    stems = [report.new_stem(str(tmp_path), "dev-2026-11-23-0500", (".csv", ".md")) for _ in range(2)]
+    assert stems[0] == stems[1]  # nothing written yet
+    open(stems[0] + ".md", "w").close()
+    later = report.new_stem(str(tmp_path), "dev-2026-11-23-0500", (".csv", ".md"))
+    assert later == stems[0] + "-2"
+    report.write_csv([], later + ".csv")
+    with pytest.raises(FileExistsError):
+        report.write_csv([], later + ".csv")
+
+
+def test_grouped_worker_runs_cells_in_one_process_and_skips_after_a_failure():
+    """The GPU path (all cells of a backend in one worker process), here on CPU: results arrive per cell, a backend
+    that fails is not tried again for that dtype, and the rows carry the spread of the repeats."""
+    base = dict(dtype="float32", D=8, device="cpu", repeats=2, threads=1, loss="infonce")
+    specs = [dict(base, backend="torch", N=16), dict(base, backend="torch", N=32),
+             dict(base, backend="no_such_backend", N=16), dict(base, backend="no_such_backend", N=32)]
+    got = []
+    run_grouped(specs, timeout=120, on_result=lambda spec, res: got.append((spec["backend"], spec["N"], res)))
+    assert [(b, n) for b, n, _ in got] == [("torch", 16), ("torch", 32), ("no_such_backend", 16),
+                                           ("no_such_backend", 32)]
+    for _, _, res in got[:2]:
+        full = {r["pass"]: r for r in res["rows"]}["full"]
+        assert full["ms"] > 0 and full["repeats"] == 2 and full["ms_q1"] <= full["ms"] <= full["ms_q3"]
+    assert got[2][2]["rows"] == [] and got[2][2]["note"]
+    assert got[3][2]["note"].endswith("(at N=16)")  # not tried again
+
+
+def test_noisy_cells_are_flagged():
+    base = dict(device="d", loss="infonce", dtype="float32", N=8, M=8, D=4, peak_mem_bytes=100, note="",
+                backend="cpp", tflops=1.0, repeats=5)
+    rows = [dict(base, **{"pass": "forward"}, ms_median=5.0, ms_q1=4.9, ms_q3=5.1),
+            dict(base, **{"pass": "backward"}, ms_median=2.0, ms_q1=1.0, ms_q3=3.0),
+            dict(base, **{"pass": "full"}, ms_median=4.0, ms_q1=3.9, ms_q3=4.1)]
+    [line] = report.summary(rows)
+    assert line["spread"] == pytest.approx(1.0)
+    assert "NOISY: repeats spread 100% of the median (backward)" in line["note"]
+    assert "forward slower than forward+backward" in line["note"]
+    assert Timing.of([3.0, 1.0, 2.0, 4.0, 5.0]) == Timing(median=3.0, q1=2.0, q3=4.0, n=5)
+    medians = {"forward": 1.0, "backward": 2.0, "full": 4.0}
+    clean = [dict(r, ms_median=medians[r["pass"]], ms_q1=medians[r["pass"]], ms_q3=medians[r["pass"]]) for r in rows]
+    assert report.summary(clean)[0]["note"] == ""
+
+
+def test_competitors_equal_the_reference_in_float64():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    tau = 0.05 + torch.rand(9, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 9, (6,), generator=g)
+    ref = lambda **kw: float(mk.contrastive_loss(x, y, backend="torch", **kw))  # noqa: E731
+    d = mk.DySTreSS(0.1, 0.2)
+    assert float(competitors.openclip_infonce(x, y, tau)) == pytest.approx(ref(temperature=tau), rel=1e-12)
+    assert float(competitors.openclip_infonce(x, y, None, dystress=d)) == pytest.approx(ref(temperature=d), rel=1e-12)
+    assert float(competitors.openclip_infonce(x[:6], y, tau[:6], targets=targets)) == pytest.approx(
+        float(mk.contrastive_loss(x[:6], y, temperature=tau[:6], targets=targets, symmetric=False, backend="torch")),
+        rel=1e-12)
+    for hardest in (False, True):
+        got = float(competitors.openclip_max_margin(x, y, tau, hardest_negative=hardest))
+        assert got == pytest.approx(ref(loss="max_margin", margin=tau, hardest_negative=hardest), rel=1e-12)
+    f = competitors.loss_function("openclip", "max_margin", hardest_negative=True)
+    assert float(f(x, y, tau)) == pytest.approx(ref(loss="max_margin", margin=tau, hardest_negative=True), rel=1e-12)
+    assert competitors.unavailable_reason("inf_cl", torch.device("cpu")) is not None
+    with pytest.raises(ValueError, match="InfoNCE"):
+        competitors.loss_function("inf_cl", "max_margin")
+
+
+def test_chunked_float64_reference_matches_the_whole_one():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(37, 6, generator=g), torch.randn(37, 6, generator=g)
+    tau = 0.05 + 0.1 * torch.rand(37, generator=g)
+    whole = float(mk.info_nce(x.double(), y.double(), tau.double(), backend="torch"))
+    for chunk_elems in (37 * 5, 37 * 37, 1):  # uneven chunks, one chunk, one row at a time
+        assert gpu_check.chunked_infonce_fp64(x, y, tau, chunk_elems) == pytest.approx(whole, rel=1e-13)
+
+
+def test_gpu_check_tiny_on_cpu(tmp_path):
+    """The GPU check's tiny CPU version: correctness cases against float64, the speed table with competitors,
+    the goals, and its two files."""
+    proc = _run(["-m", "bench.gpu_check", "--quick", "--competitors", "openclip", "torch", "--repeats", "1",
+                 "--out-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    [md] = list(tmp_path.glob("gpu-check-*.md"))
+    [csv_path] = list(tmp_path.glob("gpu-check-*.csv"))
+    text = md.read_text()
+    for heading in ("## Correctness against the float64 reference", "## Speed", "## Goals (issue 11)"):
+        assert heading in text
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    correctness = [r for r in rows if r["section"] == "correctness"]
+    assert correctness and all(r["status"] == "PASS" for r in correctness)
+    assert {"loss", "dx", "dy", "dtau", "dmargin"} <= {r["metric"] for r in correctness}
+    speed = {(r["name"], r["method"], r["metric"]) for r in rows if r["section"] == "speed"}
+    assert {("bf16", "openclip", "full_ms"), ("bf16", "torch", "full_ms"), ("bf16", "gemm", "ms")} <= speed
+    assert "correctness: all PASS" in proc.stdout
+
+
+def test_gpu_check_runs_the_triton_backend_under_the_interpreter(tmp_path):
+    proc = _run(["-m", "bench.gpu_check", "--quick", "--no-speed", "--backend", "triton", "--out-dir", str(tmp_path)],
+                TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "backend triton" in proc.stdout and "correctness: all PASS" in proc.stdout
+
+
+@CPP
+def test_cpp_vs_gemm_tiny(tmp_path):
+    out = tmp_path / "cpp.md"
+    threads = torch.get_num_threads()
+    try:
+        cpp_vs_gemm.main(["--sizes", "64", "--dim", "16", "--repeats", "2", "--mem-size", "128", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert "| 64 | 16 |" in text and "peak RSS growth" in text and "min–max" in text
+    with pytest.raises(SystemExit, match="never overwritten"):
+        cpp_vs_gemm.main(["--sizes", "64", "--dim", "16", "--repeats", "1", "--mem-size", "0", "--out", str(out)])
+
+
+def test_plot_schedule_tiny(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "schedule.png"
+    assert plot_schedule.main(["--out", str(out), "--total-steps", "50"]) == out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="never overwritten"):
+        plot_schedule.main(["--out", str(out)])
 
 
 def test_cpu_memory_probe_sees_the_op_not_the_process():

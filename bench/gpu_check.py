@@ -1,0 +1,618 @@
+"""`python -m bench.gpu_check`: check a GPU in one go — correctness at scale, then the speed table of issue 11.
+
+    python -m bench.gpu_check [--quick] [--backend triton] [--budget 540] [--out-dir bench/results]
+
+Correctness. Every case runs the backend under test through the public API (``mk.contrastive_loss``) and the
+``torch`` backend in float64 on the same inputs rounded to the case's dtype (so the error measured is the
+arithmetic's, not the input rounding's), and compares the loss and every gradient — x, y, the per-sample τ or the
+per-sample margins — by ‖out − ref‖ / ‖ref‖. Bars (DESIGN §6): float64 1e-12; fp32 under "highest" matmul
+precision 1e-5; fp32 under "high" (TF32) 2e-3; bf16 1e-2 and fp16 2e-3 — or, for those three, twice the error of
+the open_clip-style loss computed in the same precision, whichever is larger. Modes: symmetric InfoNCE with
+per-sample τ, one-directional rectangular InfoNCE with targets, max-margin over all negatives and over the hardest
+one (per-sample margins), DySTreSS, and ``deterministic=True`` (also run twice: loss and gradients must be bitwise
+equal). One loss value at N·M ≥ 2³¹ is checked against a chunked float64 computation (rows of S a chunk at a time,
+columns by an online log-sum-exp across chunks: memory chunk·M, never N·M).
+
+Speed. ``triton.testing.do_bench`` medians in this process (``bench.timing``): forward, backward, forward+backward,
+the peak memory a fwd+bwd adds over its inputs (``torch.cuda.max_memory_allocated`` after a reset), TFLOP/s at
+8·N·M·D per fwd+bwd (2 for S forward; 6 backward: S again, dS·y, dSᵀ·x), next to what users would run instead
+(``bench.competitors``: openclip eager and compiled, the library's torch backend, Inf-CL when installed) and a bare
+GEMM (2·N·N·D) in the same dtype, measured in the same run. The goals of issue 11 are computed from these numbers
+and printed PASS/FAIL.
+
+Outputs: progress on stdout; gpu-check-<device>-<date>-<time>.csv (one row per measurement) and .md under
+--out-dir, new files every run. Exit status 1 when a correctness case fails (the speed goals are reported, not
+enforced). On a machine without CUDA it runs a tiny version on the CPU (the cpp backend, or triton under
+TRITON_INTERPRET=1 with --backend triton) so that the command itself is tested in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import mmts_kernels as mk
+
+from . import competitors, report
+from .timing import measure_ms
+from .worker import COMPILED, describe, measure_passes
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+MODES = ("infonce", "infonce_rect", "max_margin", "max_margin_hardest", "dystress", "deterministic")
+BAR = {("float64", None): 1e-12, ("float32", "highest"): 1e-5, ("float32", "high"): 2e-3,
+       ("bfloat16", None): 1e-2, ("float16", None): 2e-3}
+TIMING_COMPETITORS = ("openclip", "openclip_compile", "torch", "inf_cl")
+DYSTRESS = mk.DySTreSS(0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One correctness check: a loss ``mode`` at (N, M, D) in ``dtype`` (fp32: under ``precision``)."""
+
+    mode: str
+    dtype: str
+    N: int
+    M: int
+    D: int
+    precision: Optional[str] = None
+    value_only: bool = False  # the N·M ≥ 2³¹ case: the loss value against the chunked float64 computation
+
+    @property
+    def label(self) -> str:
+        p = f"/{self.precision}" if self.precision else ""
+        return f"{self.mode} {SHORT[self.dtype]}{p} N={self.N} M={self.M} D={self.D}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the speed table."""
+
+    key: str
+    dtype: str
+    N: int
+    D: int
+    mode: str = "infonce"
+    precision: Optional[str] = None
+    competitors: Tuple[str, ...] = TIMING_COMPETITORS
+    gemm: bool = True
+
+
+@dataclass
+class Config:
+    small: Tuple[int, int, int]           # N, M, D of the square cases
+    rect: Tuple[int, int, int]            # N, M, D of the rectangular case (awkward sizes)
+    large: Tuple[int, int, int]
+    huge: Tuple[int, int, int]            # loss value only; N·M ≥ 2³¹ on a GPU
+    chunk_elems: int                      # float64 elements per chunk of the huge reference
+    cases: List[Case] = field(default_factory=list)
+    rows: List[Row] = field(default_factory=list)
+
+
+def _cases(small, rect, large, huge, plan) -> List[Case]:
+    out = []
+    for dtype, precision, modes, big_modes in plan:
+        for mode in modes:
+            shape = rect if mode == "infonce_rect" else small
+            out.append(Case(mode, dtype, *shape, precision=precision))
+        for mode in big_modes:
+            out.append(Case(mode, dtype, *large, precision=precision))
+    out.append(Case("infonce", "bfloat16", *huge, value_only=True))
+    return out
+
+
+def _rows(N, big_N, dims, head_D, quick: bool) -> List[Row]:
+    comp = TIMING_COMPETITORS
+    rows = [Row("bf16", "bfloat16", N, head_D, competitors=comp)]
+    if not quick:
+        rows += [Row(f"bf16 D={D}", "bfloat16", N, D, competitors=comp) for D in dims if D != head_D]
+        rows += [Row("fp16", "float16", N, head_D, competitors=comp)]
+    rows += [Row(f"fp32/{p}", "float32", N, head_D, precision=p, competitors=() if quick else comp)
+             for p in ("highest", "high")]
+    rows += [Row(f"bf16 {m}", "bfloat16", N, head_D, mode=m, competitors=(), gemm=False)
+             for m in ("max_margin", "max_margin_hardest", "dystress", "deterministic")]
+    rows += [Row(f"bf16 N={big_N}", "bfloat16", big_N, head_D, competitors=("inf_cl",))]
+    return rows
+
+
+def config(device: torch.device, quick: bool, tiny: bool) -> Config:
+    every = MODES
+    if tiny or device.type != "cuda":
+        small, rect, large, huge = (48, 48, 16), (37, 53, 24), (96, 96, 32), (300, 300, 16)
+        plan = [("bfloat16", None, every, ("infonce",)), ("float32", "highest", every, ()),
+                ("float32", "high", ("infonce",), ()), ("float16", None, ("infonce", "max_margin"), ()),
+                ("float64", None, ("infonce", "infonce_rect", "max_margin", "dystress"), ())]
+        if quick:
+            plan = [("bfloat16", None, ("infonce", "max_margin"), ()), ("float64", None, ("infonce",), ())]
+        return Config(small, rect, large, huge, chunk_elems=64 * 300,
+                      cases=_cases(small, rect, large, huge, plan),
+                      rows=_rows(64, 256, (16, 32), 32, quick))
+    small, rect, large, huge = (2048, 2048, 256), (1537, 4099, 200), (16384, 16384, 512), (65536, 65536, 256)
+    if quick:
+        plan = [("bfloat16", None, every, ("infonce",)), ("float32", "highest", ("infonce", "infonce_rect"), ()),
+                ("float32", "high", ("infonce",), ()), ("float16", None, ("infonce",), ()),
+                ("float64", None, ("infonce", "max_margin"), ())]
+    else:
+        plan = [("bfloat16", None, every, ("infonce", "max_margin", "deterministic")),
+                ("float32", "highest", every, ("infonce",)),
+                ("float32", "high", ("infonce", "infonce_rect", "max_margin"), ()),
+                ("float16", None, ("infonce", "infonce_rect", "max_margin", "max_margin_hardest"), ()),
+                ("float64", None, ("infonce", "infonce_rect", "max_margin", "max_margin_hardest", "dystress"), ())]
+    return Config(small, rect, large, huge, chunk_elems=2**27, cases=_cases(small, rect, large, huge, plan),
+                  rows=_rows(16384, 65536, (256, 512, 1024), 512, quick))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and losses
+
+def make_inputs(N: int, M: int, D: int, dtype: torch.dtype, device: torch.device, mode: str, seed: int = 0):
+    """Unit-norm rows (as CLIP-style training uses them) rounded to ``dtype``; the per-sample τ ∈ [0.05, 0.15] or
+    margin ∈ [0.1, 0.3] in fp32 (fp64 for fp64 inputs); targets for the rectangular mode."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = F.normalize(torch.randn(N, D, generator=g, device=device), dim=1).to(dtype)
+    y = F.normalize(torch.randn(M, D, generator=g, device=device), dim=1).to(dtype)
+    lo, hi = (0.1, 0.3) if mode.startswith("max_margin") else (0.05, 0.15)
+    side_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    per_sample = (lo + (hi - lo) * torch.rand(N, generator=g, device=device)).to(side_dtype)
+    targets = torch.randint(0, M, (N,), generator=g, device=device) if mode == "infonce_rect" else None
+    return x, y, per_sample, targets
+
+
+def loss_kwargs(mode: str, per_sample, targets=None) -> dict:
+    """``mk.contrastive_loss`` keywords of a mode."""
+    if mode in ("infonce", "deterministic"):
+        kw = dict(loss="infonce", temperature=per_sample)
+        return dict(kw, deterministic=True) if mode == "deterministic" else kw
+    if mode == "infonce_rect":
+        return dict(loss="infonce", temperature=per_sample, symmetric=False, targets=targets)
+    if mode in ("max_margin", "max_margin_hardest"):
+        return dict(loss="max_margin", margin=per_sample, hardest_negative=mode == "max_margin_hardest")
+    if mode == "dystress":
+        return dict(loss="infonce", temperature=DYSTRESS)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def uses_per_sample(mode: str) -> bool:
+    return mode != "dystress"
+
+
+def openclip_same_precision(x, y, per_sample, mode: str, targets=None):
+    """The open_clip-style loss of a mode, S in the input dtype: the low-precision baseline of the accuracy bar."""
+    if mode in ("infonce", "deterministic"):
+        return competitors.openclip_infonce(x, y, per_sample)
+    if mode == "infonce_rect":
+        return competitors.openclip_infonce(x, y, per_sample, targets=targets)
+    if mode == "dystress":
+        return competitors.openclip_infonce(x, y, None, dystress=DYSTRESS)
+    return competitors.openclip_max_margin(x, y, per_sample, hardest_negative=mode == "max_margin_hardest")
+
+
+def loss_and_grads(fn, x, y, per_sample, mode: str):
+    """(loss, [dx, dy, d per_sample?]) of ``fn(x, y, per_sample)``, all detached."""
+    leaves = [x.detach().requires_grad_(), y.detach().requires_grad_()]
+    ps = per_sample.detach().requires_grad_(uses_per_sample(mode))
+    if uses_per_sample(mode):
+        leaves.append(ps)
+    out = fn(leaves[0], leaves[1], ps)
+    grads = torch.autograd.grad(out, leaves)
+    return out.detach(), [g.detach() for g in grads]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    den = float(torch.linalg.vector_norm(ref))
+    num = float(torch.linalg.vector_norm(a - ref))
+    return num / den if den > 0 else num
+
+
+def chunked_infonce_fp64(x, y, tau, chunk_elems: int) -> float:
+    """Symmetric InfoNCE with per-sample τ in float64, S never whole: rows of S ``chunk_elems // M`` at a time
+    (row log-sum-exp per chunk), columns by an online log-sum-exp merged across chunks."""
+    N, M = x.shape[0], y.shape[0]
+    yd, t = y.double(), tau.double()
+    rows = max(1, chunk_elems // M)
+    row_terms = torch.empty(N, dtype=torch.float64, device=x.device)
+    pos = torch.empty(N, dtype=torch.float64, device=x.device)
+    col_lse = torch.full((M,), -math.inf, dtype=torch.float64, device=x.device)
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        S = x[i0:i1].double() @ yd.T
+        p = S[torch.arange(i1 - i0, device=x.device), torch.arange(i0, i1, device=x.device)]
+        row_terms[i0:i1] = torch.logsumexp(S / t[i0:i1, None], dim=1) - p / t[i0:i1]
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(S / t[None, :], dim=0))
+        pos[i0:i1] = p
+        del S
+    return float(0.5 * (row_terms.mean() + (col_lse - pos / t).mean()))
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: Optional[str]):
+    old = torch.get_float32_matmul_precision()
+    if precision:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Correctness
+
+def check_case(case: Case, backend: str, device: torch.device, chunk_elems: int) -> List[dict]:
+    """Measurement rows of one case: one per compared quantity (and one for the bitwise repeat)."""
+    x, y, per_sample, targets = make_inputs(case.N, case.M, case.D, DTYPES[case.dtype], device, case.mode)
+    bar = BAR[(case.dtype, case.precision)]
+    base = dict(section="correctness", name=case.label, dtype=case.dtype, precision=case.precision or "",
+                N=case.N, M=case.M, D=case.D, mode=case.mode, method=backend)
+
+    def ours(a, b, ps):
+        return mk.contrastive_loss(a, b, backend=backend, **loss_kwargs(case.mode, ps, targets))
+
+    with matmul_precision(case.precision):
+        if case.value_only:
+            with torch.no_grad():
+                value = float(ours(x, y, per_sample))
+            ref = chunked_infonce_fp64(x, y, per_sample, chunk_elems)
+            err = abs(value - ref) / abs(ref)
+            return [dict(base, metric="loss", value=err, bar=bar, status=_status(err, bar),
+                         note=f"chunked float64 reference {ref:.10g}, N·M = {case.N * case.M:,}")]
+        out, grads = loss_and_grads(ours, x, y, per_sample, case.mode)
+        ref_out, ref_grads = loss_and_grads(
+            lambda a, b, ps: mk.contrastive_loss(a, b, backend="torch", **loss_kwargs(case.mode, ps, targets)),
+            x.double(), y.double(), per_sample.double(), case.mode)
+        baseline = None
+        if case.dtype != "float64" and case.precision != "highest":  # a low-precision case: the same-precision bar
+            base_out, base_grads = loss_and_grads(
+                lambda a, b, ps: openclip_same_precision(a, b, ps, case.mode, targets), x, y, per_sample, case.mode)
+            baseline = [rel_err(base_out, ref_out)] + [rel_err(g, r) for g, r in zip(base_grads, ref_grads)]
+            del base_out, base_grads
+        repeat = None
+        if case.mode == "deterministic":
+            out2, grads2 = loss_and_grads(ours, x, y, per_sample, case.mode)
+            repeat = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+            del out2, grads2
+    names = ["loss", "dx", "dy"] + (["dmargin" if case.mode.startswith("max_margin") else "dtau"]
+                                    if uses_per_sample(case.mode) else [])
+    rows = []
+    for k, (name, a, r) in enumerate(zip(names, [out] + grads, [ref_out] + ref_grads)):
+        err = rel_err(a, r)
+        case_bar = bar if baseline is None else max(bar, 2 * baseline[k])
+        note = "" if baseline is None else f"open_clip-style in the same precision: {baseline[k]:.2e}"
+        rows.append(dict(base, metric=name, value=err, bar=case_bar, status=_status(err, case_bar), note=note))
+    if repeat is not None:
+        rows.append(dict(base, metric="bitwise repeat", value=float(repeat), bar=1.0,
+                         status="PASS" if repeat else "FAIL", note="loss and gradients of two runs torch.equal"))
+    return rows
+
+
+def _status(err: float, bar: float) -> str:
+    return "PASS" if math.isfinite(err) and err <= bar else "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed
+
+def time_row(row: Row, backend: str, device: torch.device, repeats: int, wanted_competitors) -> List[dict]:
+    """Measurement rows of one line of the speed table: ours (three passes, memory), each competitor, the GEMM."""
+    x, y, per_sample, _ = make_inputs(row.N, row.N, row.D, DTYPES[row.dtype], device, row.mode)
+    x.requires_grad_()
+    y.requires_grad_()
+    base = dict(section="speed", name=row.key, dtype=row.dtype, precision=row.precision or "", N=row.N, M=row.N,
+                D=row.D, mode=row.mode)
+    out = []
+    methods = [("ours", backend)] + [(c, c) for c in row.competitors if c in wanted_competitors]
+    with matmul_precision(row.precision):
+        for method, name in methods:
+            reason = _method_reason(name, backend, device, row.mode)
+            if reason:
+                out.append(dict(base, method=name, metric="full_ms", value=math.nan, note=reason))
+                continue
+            fn = _method_fn(name, row.mode)
+            res = measure_passes(lambda: fn(x, y, per_sample), (x, y), device, repeats)
+            by_pass = {r["pass"]: r for r in res["rows"]}
+            note = res["note"]
+            for p, metric in (("forward", "fwd_ms"), ("backward", "bwd_ms"), ("full", "full_ms")):
+                r = by_pass.get(p, {})
+                out.append(dict(base, method=name, metric=metric, value=_num(r.get("ms")),
+                                note="; ".join(n for n in (note, r.get("note", "")) if n)))
+            out.append(dict(base, method=name, metric="peak_extra_mib",
+                            value=_num(by_pass.get("full", {}).get("mem")) / 2**20, note=note))
+            if name in COMPILED:
+                torch._dynamo.reset()
+            x.grad = y.grad = None
+            _free(device)
+        if row.gemm:
+            a, b = x.detach(), y.detach()
+            try:
+                ms = measure_ms(lambda: a @ b.T, device, repeats=repeats).median
+                note = ""
+            except Exception as exc:  # noqa: BLE001
+                ms, note = math.nan, describe(exc)
+            out.append(dict(base, method="gemm", metric="ms", value=ms, note=note))
+    return out
+
+
+def _method_reason(name: str, backend: str, device: torch.device, mode: str) -> Optional[str]:
+    if name == backend or name == "torch":
+        return mk.backends.unavailable_reason(name, device)
+    return competitors.unavailable_reason(name, device, "infonce" if mode == "infonce" else "other")
+
+
+def _method_fn(name: str, mode: str):
+    if name in competitors.COMPETITORS:
+        return competitors.loss_function(name, "infonce")
+
+    def f(a, b, ps):
+        return mk.contrastive_loss(a, b, backend=name, **loss_kwargs(mode, ps))
+    return f
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def speed_table(rows: List[dict], backend: str) -> Tuple[List[str], List[List[str]]]:
+    """(header, cells) of the speed table from the measurement rows."""
+    by = {(r["name"], r["method"], r["metric"]): r for r in rows if r["section"] == "speed"}
+    names = list(dict.fromkeys(r["name"] for r in rows if r["section"] == "speed"))
+    header = ["config", "N", "D", f"{backend} fwd ms", "bwd ms", "fwd+bwd ms", "fwd share", "peak extra MiB",
+              "TFLOP/s", "of GEMM", "openclip ms (MiB)", "openclip_compile ms", "torch ms", "inf_cl ms",
+              "GEMM ms (TFLOP/s)"]
+    cells = []
+    for name in names:
+        def v(method, metric):
+            r = by.get((name, method, metric))
+            return math.nan if r is None else r["value"]
+        some = next(r for r in rows if r["section"] == "speed" and r["name"] == name)
+        N, D = some["N"], some["D"]
+        full = v(backend, "full_ms")
+        gemm = v("gemm", "ms")
+        t = report.tflops("torch", "full", N, N, D, full)
+        g_rate = report.tflops("gemm", "forward", N, N, D, gemm)
+        cells.append([name, str(N), str(D), _f(v(backend, "fwd_ms"), ".2f"), _f(v(backend, "bwd_ms"), ".2f"),
+                      _f(full, ".2f"), _f(_div(v(backend, "fwd_ms"), full), ".0%"),
+                      _f(v(backend, "peak_extra_mib"), ".1f"), _f(t, ".3g"), _f(_div(t, g_rate), ".0%"),
+                      f"{_f(v('openclip', 'full_ms'), '.2f')} ({_f(v('openclip', 'peak_extra_mib'), '.0f')})",
+                      _f(v("openclip_compile", "full_ms"), ".2f"), _f(v("torch", "full_ms"), ".2f"),
+                      _f(v("inf_cl", "full_ms"), ".2f"), f"{_f(gemm, '.3f')} ({_f(g_rate, '.3g')})"])
+    return header, cells
+
+
+def goals(rows: List[dict], backend: str) -> List[Tuple[str, str, str]]:
+    """The speed goals of issue 11, each (goal, what was measured, PASS / FAIL / n/a)."""
+    by = {(r["name"], r["method"], r["metric"]): r["value"] for r in rows if r["section"] == "speed"}
+    speed = [r for r in rows if r["section"] == "speed"]
+    shapes = {r["name"]: (r["N"], r["D"]) for r in speed}
+
+    def v(name, method, metric):
+        return by.get((name, method, metric), math.nan)
+
+    out = []
+
+    def goal(text, value, ok, fmt):
+        status = "n/a" if not math.isfinite(value) else ("PASS" if ok(value) else "FAIL")
+        out.append((text, _f(value, fmt), status))
+
+    for name in [n for n in shapes if (n == "bf16" or n.startswith("bf16 D=") or n == "fp16")]:
+        N, D = shapes[name]
+        full = v(name, backend, "full_ms")
+        rate = report.tflops("torch", "full", N, N, D, full)
+        g_rate = report.tflops("gemm", "forward", N, N, D, v(name, "gemm", "ms"))
+        tag = f"{name} (N={N}, D={D})"
+        goal(f"{tag}: fwd+bwd ≥ 40% of the GEMM rate", _div(rate, g_rate), lambda r: r >= 0.4, ".0%")
+        goal(f"{tag}: ≥ 1.5× faster than openclip_compile", _div(v(name, "openclip_compile", "full_ms"), full),
+             lambda r: r >= 1.5, ".2f")
+        goal(f"{tag}: ≥ 3× faster than openclip (eager)", _div(v(name, "openclip", "full_ms"), full),
+             lambda r: r >= 3, ".2f")
+        goal(f"{tag}: peak extra memory ≤ 2% of openclip's",
+             _div(v(name, backend, "peak_extra_mib"), v(name, "openclip", "peak_extra_mib")),
+             lambda r: r <= 0.02, ".2%")
+        goal(f"{tag}: forward ≤ 1/3 of fwd+bwd", _div(v(name, backend, "fwd_ms"), full), lambda r: r <= 1 / 3,
+             ".0%")
+    head = v("bf16", backend, "full_ms")
+    for mode in ("max_margin", "max_margin_hardest", "dystress", "deterministic"):
+        goal(f"bf16 {mode}: ≤ 1.3× the InfoNCE time", _div(v(f"bf16 {mode}", backend, "full_ms"), head),
+             lambda r: r <= 1.3, ".2f")
+    big = [n for n in shapes if n.startswith("bf16 N=")]
+    for name in big:
+        goal(f"{name}: ≤ 17× the bf16 time at N={shapes['bf16'][0] if 'bf16' in shapes else '?'}",
+             _div(v(name, backend, "full_ms"), head), lambda r: r <= 17, ".1f")
+    goal("fp32 'highest': ≤ 3× the bf16 time", _div(v("fp32/highest", backend, "full_ms"), head), lambda r: r <= 3,
+         ".2f")
+    goal("fp32 'high': ≤ 1.5× the bf16 time", _div(v("fp32/high", backend, "full_ms"), head), lambda r: r <= 1.5,
+         ".2f")
+    return out
+
+
+def _div(a, b) -> float:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return math.nan
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+def _f(v, spec: str) -> str:
+    return "—" if not isinstance(v, (int, float)) or not math.isfinite(v) else format(v, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+CSV_FIELDS = ["section", "name", "dtype", "precision", "N", "M", "D", "mode", "method", "metric", "value", "bar",
+              "status", "note"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer cases and speed lines (a few minutes on a GPU)")
+    p.add_argument("--tiny", action="store_true", help="the tiny CPU-sized version, on any device")
+    p.add_argument("--backend", help="the backend under test (default: triton on CUDA; cpp, else torch, on CPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--competitors", nargs="*", default=list(TIMING_COMPETITORS), choices=TIMING_COMPETITORS,
+                   help="what to time next to the backend (default: all that run here)")
+    p.add_argument("--no-correctness", action="store_true")
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats on CPU (GPU: do_bench decides)")
+    p.add_argument("--budget", type=float, default=480.0,
+                   help="seconds (default fits a 10-minute call with start-up to spare): correctness may use half, "
+                        "speed the rest; once spent, the remaining cases and lines are skipped and reported so")
+    p.add_argument("--out-dir", default=DEFAULT_OUT, help="where the new CSV and markdown go")
+    return p.parse_args(argv)
+
+
+def pick_backend(choice: Optional[str], device: torch.device) -> str:
+    if choice:
+        return choice
+    if device.type == "cuda":
+        return "triton"
+    return "cpp" if mk.backends.unavailable_reason("cpp", device) is None else "torch"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    backend = pick_backend(args.backend, device)
+    reason = mk.backends.unavailable_reason(backend, device)
+    if reason is not None:
+        raise SystemExit(f"backend {backend!r} cannot run on {device}: {reason}")
+    cfg = config(device, args.quick, args.tiny)
+    label = report.device_name(device)
+    now = datetime.datetime.now()
+    start = time.perf_counter()
+    versions = f"torch {torch.__version__}, triton {_triton_version()}, python {platform.python_version()}"
+    print(f"gpu_check on {label} ({device.type}), backend {backend}; {versions}", flush=True)
+
+    def log(text):
+        print(f"[{time.perf_counter() - start:6.1f}s] {text}", flush=True)
+
+    def over_budget(share=1.0):
+        return time.perf_counter() - start > share * args.budget
+
+    rows: List[dict] = []
+    if not args.no_correctness:
+        for i, case in enumerate(cfg.cases):
+            if over_budget(1.0 if args.no_speed else 0.5):  # leave the speed table its half
+                rows.append(_skipped("correctness", case.label, case, backend))
+                log(f"correctness {i + 1}/{len(cfg.cases)} {case.label}: skipped (time budget)")
+                continue
+            try:
+                got = check_case(case, backend, device, cfg.chunk_elems)
+            except Exception as exc:  # noqa: BLE001 — a crash is a failed case, the check goes on
+                got = [dict(section="correctness", name=case.label, dtype=case.dtype, precision=case.precision or "",
+                            N=case.N, M=case.M, D=case.D, mode=case.mode, method=backend, metric="run",
+                            value=math.nan, bar=math.nan, status="FAIL", note=describe(exc))]
+            rows += got
+            _free(device)
+            worst = max(got, key=lambda r: _div(r["value"], r["bar"]) if r["metric"] != "bitwise repeat" else 0)
+            status = "FAIL" if any(r["status"] == "FAIL" for r in got) else "PASS"
+            log(f"correctness {i + 1}/{len(cfg.cases)} {case.label}: {status} "
+                f"(worst {worst['metric']} {_f(worst['value'], '.1e')} vs bar {_f(worst['bar'], '.0e')})"
+                + (f" {worst['note']}" if status == "FAIL" and worst.get("note") else ""))
+    if not args.no_speed:
+        for i, row in enumerate(cfg.rows):
+            if over_budget():
+                rows.append(_skipped("speed", row.key, row, backend))
+                log(f"speed {i + 1}/{len(cfg.rows)} {row.key}: skipped (time budget)")
+                continue
+            got = time_row(row, backend, device, args.repeats, set(args.competitors))
+            rows += got
+            full = next((r["value"] for r in got if r["method"] == backend and r["metric"] == "full_ms"), math.nan)
+            log(f"speed {i + 1}/{len(cfg.rows)} {row.key} (N={row.N}, D={row.D}): {backend} fwd+bwd {_f(full, '.3f')} ms")
+
+    goal_list = goals(rows, backend) if not args.no_speed else []
+    failed = [r for r in rows if r["section"] == "correctness" and r.get("status") == "FAIL"]
+    text = markdown(rows, goal_list, backend, dict(
+        command="python -m bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
+        date=now.strftime("%Y-%m-%d %H:%M"), device=f"{label} ({device.type})", versions=versions,
+        backend=backend, wall=f"{time.perf_counter() - start:.0f} s"))
+    print(text)
+    stem = report.new_stem(args.out_dir, report.file_stem(f"gpu-check-{label}", now.strftime("%Y-%m-%d-%H%M")),
+                           (".csv", ".md"))
+    with open(stem + ".csv", "x", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in rows:
+            w.writerow([_cell(r.get(k, "")) for k in CSV_FIELDS])
+    with open(stem + ".md", "x") as f:
+        f.write(text)
+    print(f"wrote {stem}.csv, {stem}.md")
+    print(f"correctness: {'all PASS' if not failed else f'{len(failed)} FAIL'}")
+    return 1 if failed else 0
+
+
+def _skipped(section, name, item, backend) -> dict:
+    return dict(section=section, name=name, dtype=item.dtype, precision=item.precision or "", N=item.N,
+                M=getattr(item, "M", item.N), D=item.D, mode=item.mode, method=backend, metric="skipped",
+                value=math.nan, bar=math.nan, status="SKIPPED" if section == "correctness" else "",
+                note="over the time budget")
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.6g}"
+    return v
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def markdown(rows: List[dict], goal_list, backend: str, meta: Dict[str, str]) -> str:
+    out = [f"# GPU check: {meta['device']}, {meta['date']}", ""]
+    out += [f"- **{k}**: {v}" for k, v in meta.items()]
+    corr = [r for r in rows if r["section"] == "correctness"]
+    if corr:
+        out += ["", "## Correctness against the float64 reference", "",
+                "‖out − ref‖/‖ref‖ of the loss and each gradient; the reference is the torch backend in float64 on "
+                "the same rounded inputs (the N·M ≥ 2³¹ case: a chunked float64 computation of the loss value).", "",
+                "| case | quantity | rel. error | bar | status | note |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['name']} | {r['metric']} | {_f(r['value'], '.2e')} | {_f(r['bar'], '.0e')} | "
+                f"{r['status']} | {r.get('note', '')} |" for r in corr]
+    speed = [r for r in rows if r["section"] == "speed"]
+    if speed:
+        header, cells = speed_table(rows, backend)
+        out += ["", "## Speed", "",
+                "`triton.testing.do_bench` medians in one process (CPU: median of the repeats); fwd+bwd at "
+                "8·N·M·D FLOPs; peak extra MiB: memory a fwd+bwd adds over its inputs; competitors: fwd+bwd ms.", "",
+                "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        out += ["| " + " | ".join(c) + " |" for c in cells]
+        notes = sorted({f"{r['method']} ({r['name']}): {r['note']}" for r in speed if r.get("note")})
+        if notes:
+            out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if goal_list:
+        out += ["", "## Goals (issue 11)", "", "| goal | measured | status |", "|---|---|---|"]
+        out += [f"| {g} | {m} | {s} |" for g, m, s in goal_list]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
