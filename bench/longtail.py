@@ -45,6 +45,7 @@ from .longtail_data import GROUPS, METRICS, DataConfig, evaluate, make_data
 from .longtail_methods import Schedule, TrainConfig, default_backend, recentred, train
 from .longtail_stats import paired_interval
 from .progress import progress
+from .report import device_name
 
 PRIMARY = "overall nDCG"
 PRIMARY_CONTRAST = ("MM-TS", "TS")
@@ -322,12 +323,6 @@ def parse_args(argv=None):
     return args, exp, out
 
 
-def _cpu() -> str:
-    from .__main__ import device_name  # the benchmark's CPU name (model name from /proc/cpuinfo)
-
-    return device_name(torch.device("cpu"))
-
-
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -340,6 +335,8 @@ def main(argv=None) -> None:
     args, exp, out = parse_args(argv)
     torch.set_num_threads(args.threads)
     print(primary_statement(exp), flush=True)
+    # Everything the report needs that could fail is gathered before the long part.
+    cpu, commit = f"{device_name(torch.device('cpu'))} ({os.cpu_count()} logical cores)", _git_commit()
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = os.getloadavg()
     t0 = time.perf_counter()
@@ -355,10 +352,10 @@ def main(argv=None) -> None:
     meta = {
         "command": f"`{command.rstrip()}`", "date": started.date().isoformat(),
         "started (UTC)": started.strftime("%Y-%m-%d %H:%M:%S"), "wall time": f"{wall:.0f} s",
-        "CPU": f"{_cpu()} ({os.cpu_count()} logical cores)", "threads": str(torch.get_num_threads()),
+        "CPU": cpu, "threads": str(torch.get_num_threads()),
         "load average at start / end (1 min)": f"{load_start[0]:.2f} / {os.getloadavg()[0]:.2f} (shared machine: "
                                                "load above the thread count means contention)",
-        "loss backend": exp.train.backend, "git commit": _git_commit(), "torch": torch.__version__,
+        "loss backend": exp.train.backend, "git commit": commit, "torch": torch.__version__,
         "python": platform.python_version(), "runs": str(exp.runs()),
     }
     text = report(exp, meta, chosen, scores, results, dose)
