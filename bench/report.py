@@ -112,10 +112,10 @@ def summary(rows: List[dict]) -> List[dict]:
             loss=loss, dtype=dtype, N=N, D=D, backend=backend, spread=spread,
             fwd_ms=_get(passes, "forward", "ms_median"), bwd_ms=_get(passes, "backward", "ms_median"),
             full_ms=full.get("ms_median", math.nan), full_tflops=full.get("tflops", math.nan),
-            of_gemm=_ratio(full.get("tflops"), g.get("tflops")),
+            of_gemm=ratio(full.get("tflops"), g.get("tflops")),
             full_mib=_mib(full.get("peak_mem_bytes")),
-            speedup=_ratio(ref_full.get("ms_median"), full.get("ms_median")),
-            mem_ratio=_ratio(full.get("peak_mem_bytes"), ref_full.get("peak_mem_bytes")),
+            speedup=ratio(ref_full.get("ms_median"), full.get("ms_median")),
+            mem_ratio=ratio(full.get("peak_mem_bytes"), ref_full.get("peak_mem_bytes")),
             note="; ".join(flags + sorted(notes[key])),
         ))
     order = {b: i for i, b in enumerate(_backend_order(rows))}
@@ -172,7 +172,7 @@ def _get(passes, p, field):
     return passes.get(p, {}).get(field, math.nan)
 
 
-def _ratio(a, b) -> float:
+def ratio(a, b) -> float:
     try:
         a, b = float(a), float(b)
     except (TypeError, ValueError):
@@ -188,7 +188,7 @@ def _mib(nbytes) -> float:
     return v / 2**20
 
 
-def _fmt(v, spec: str, suffix: str = "") -> str:
+def fmt(v, spec: str, suffix: str = "") -> str:
     if isinstance(v, float) and not math.isfinite(v):
         return "—"
     return format(v, spec) + suffix
@@ -204,7 +204,7 @@ _COLUMNS = [  # (title, key, format, suffix)
 
 
 def _table_cells(lines: List[dict]) -> List[List[str]]:
-    return [[_fmt(l[key], spec, suffix) for _, key, spec, suffix in _COLUMNS] for l in lines]
+    return [[fmt(l[key], spec, suffix) for _, key, spec, suffix in _COLUMNS] for l in lines]
 
 
 def format_table(rows: List[dict]) -> str:
@@ -217,8 +217,8 @@ def format_table(rows: List[dict]) -> str:
     g = gemm_lines(rows)
     if g:
         out += ["", "GEMM rate (one bare N×D·D×N matmul, its N×N output written to memory):"]
-        out += [f"  {l['dtype']:>9} N={l['N']:<6d} D={l['D']:<5d} {_fmt(l['ms'], '.2f')} ms  "
-                f"{_fmt(l['tflops'], '.3f')} TFLOP/s  {l['note']}".rstrip() for l in g]
+        out += [f"  {l['dtype']:>9} N={l['N']:<6d} D={l['D']:<5d} {fmt(l['ms'], '.2f')} ms  "
+                f"{fmt(l['tflops'], '.3f')} TFLOP/s  {l['note']}".rstrip() for l in g]
     return "\n".join(out)
 
 
@@ -242,8 +242,8 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
     if g:
         out += ["", "## GEMM rate", "", "| dtype | N | D | ms | spread | TFLOP/s | note |",
                 "|---|---|---|---|---|---|---|"]
-        out += [f"| {l['dtype']} | {l['N']} | {l['D']} | {_fmt(l['ms'], '.3f')} | {_fmt(l['spread'], '.0%')} | "
-                f"{_fmt(l['tflops'], '.3f')} | {l['note']} |" for l in g]
+        out += [f"| {l['dtype']} | {l['N']} | {l['D']} | {fmt(l['ms'], '.3f')} | {fmt(l['spread'], '.0%')} | "
+                f"{fmt(l['tflops'], '.3f')} | {l['note']} |" for l in g]
     return "\n".join(out) + "\n"
 
 

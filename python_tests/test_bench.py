@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)  # `bench` is not an installed package: import it from 
 import mmts_kernels as mk  # noqa: E402
 from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report  # noqa: E402
 from bench.__main__ import run_grouped  # noqa: E402
-from bench.timing import PeakMemory, Timing, cpu_probe_reason  # noqa: E402
+from bench.timing import PeakMemory, Timing, cpu_probe_reason, measure_ms  # noqa: E402
 
 HEADER = "device,backend,loss,dtype,N,M,D,pass,ms_median,peak_mem_bytes,tflops,ms_q1,ms_q3,repeats"
 CPP = pytest.mark.skipif(mk.backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
@@ -110,6 +110,25 @@ def test_noisy_cells_are_flagged():
     medians = {"forward": 1.0, "backward": 2.0, "full": 4.0}
     clean = [dict(r, ms_median=medians[r["pass"]], ms_q1=medians[r["pass"]], ms_q3=medians[r["pass"]]) for r in rows]
     assert report.summary(clean)[0]["note"] == ""
+
+
+def test_cuda_timing_is_do_bench_with_every_repeat(monkeypatch):
+    """On CUDA a pass is timed by ``triton.testing.do_bench`` in the process, every repeat kept (checked here with a
+    stand-in do_bench: no GPU needed)."""
+    testing = pytest.importorskip("triton.testing")
+    seen = {}
+
+    def fake_do_bench(fn, grad_to_none=None, return_mode="mean", **kwargs):
+        fn()
+        seen.update(return_mode=return_mode, grad_to_none=grad_to_none, kwargs=kwargs)
+        return [3.0, 1.0, 2.0, 5.0, 4.0]
+
+    monkeypatch.setattr(testing, "do_bench", fake_do_bench)
+    leaf = torch.zeros(1, requires_grad=True)
+    ran = []
+    got = measure_ms(lambda: ran.append(1), torch.device("cuda"), grad_to_none=(leaf,))
+    assert got == Timing(median=3.0, q1=2.0, q3=4.0, n=5) and ran == [1]
+    assert seen == {"return_mode": "all", "grad_to_none": [leaf], "kwargs": {}}
 
 
 def test_competitors_equal_the_reference_in_float64():
