@@ -254,6 +254,15 @@ def test_fp32_precision_follows_torch():
         torch.set_float32_matmul_precision(previous)
 
 
+def test_tuning_config_from_the_environment():
+    from mmts_kernels.triton_backend import op
+
+    cfg = op._parse_config("block_n=64, num_warps=4", op.GPU_CONFIG)
+    assert (cfg.block_n, cfg.num_warps, cfg.block_m) == (64, 4, op.GPU_CONFIG.block_m)
+    with pytest.raises(ValueError, match="MMTS_KERNELS_TRITON_CONFIG.*block_q"):
+        op._parse_config("block_q=3", op.GPU_CONFIG)
+
+
 def test_tf32_split_is_exact():
     """The backward's "highest" GEMMs split fp32 operands as hi + lo with hi on the TF32 grid (10 mantissa bits):
     hi + lo == a exactly, |lo| ≤ 2⁻¹¹|a|, so hi·hi + hi·lo + lo·hi misses a·b by ≈ 2⁻²² relative."""

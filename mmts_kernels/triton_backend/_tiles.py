@@ -63,6 +63,16 @@ def logits(S, tau, FAST: tl.constexpr):
 
 
 @triton.jit
+def tile_has_positive(t, row_ok, r_lo, c_lo, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr):
+    """Whether the tile of rows r_lo… and columns c_lo… holds a positive (i, t_i): a scalar, so the positive's
+    extra work runs on those tiles only. DIAGONAL: t_i = i (square symmetric case), decided from the ranges."""
+    if DIAGONAL:
+        return (c_lo < r_lo + BLOCK_N) & (r_lo < c_lo + BLOCK_M)
+    else:
+        return tl.max((row_ok & (t >= c_lo) & (t < c_lo + BLOCK_M)).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def exact_positive(z, S, sel, tau, AXIS: tl.constexpr, FAST: tl.constexpr):
     """z with its positive entries (``sel``, at most one per row for AXIS = 1, per column for AXIS = 0) replaced
     by the IEEE quotient S/τ — bitwise the loss's pos/τ, so lse − pos/τ ≥ 0 holds in floating point too: lse ≥ max z

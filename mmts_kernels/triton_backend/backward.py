@@ -45,12 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dystress_tau, exact_positive, logits, s_tile
+from ._tiles import dystress_tau, exact_positive, logits, s_tile, tile_has_positive
 from .forward import dot_precision, dot_upcast, dystress_params, kernel_types, panel_width
 
 
 @triton.jit
-def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
+def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, has_pos_tile,
             T, st, TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
             LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
             LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
@@ -76,8 +76,9 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
         else:
             tau_v = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)
             tau_r = tau_v[:, None]
-            z = exact_positive(logits(S, tau_r, FAST), S, is_pos & row_ok[:, None] & col_ok[None, :], tau_v, 1,
-                               FAST)
+            z = logits(S, tau_r, FAST)
+            if has_pos_tile:
+                z = exact_positive(z, S, is_pos & row_ok[:, None] & col_ok[None, :], tau_v, 1, FAST)
         ds += g_r[:, None] * tl.exp(z - lse_r[:, None]) / tau_r
         if COLS:  # τ_j of column j: a per-sample τ has N = M entries only in this square case
             if DYSTRESS:
@@ -86,8 +87,9 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
             else:
                 tau_w = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)
                 tau_c = tau_w[None, :]
-                zc = exact_positive(logits(S, tau_c, FAST), S, is_pos & row_ok[:, None] & col_ok[None, :], tau_w,
-                                    0, FAST)
+                zc = logits(S, tau_c, FAST)
+                if has_pos_tile:
+                    zc = exact_positive(zc, S, is_pos & row_ok[:, None] & col_ok[None, :], tau_w, 0, FAST)
             lse_c = tl.load(LSE_C + cv, mask=col_ok, other=0.0)
             g_c = tl.load(G_LSE_C + cv, mask=col_ok, other=0.0)
             ds += g_c[None, :] * tl.exp(zc - lse_c[None, :]) / tau_c
@@ -135,7 +137,13 @@ def ds_kernel(
     col_ok = cols < M
     S = s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
                BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
-    ds = ds_tile(S, h, rows, cols, row_ok, col_ok, N, M,
+    if COLS:
+        t = rows
+    else:
+        t = tl.load(T + rows * st, mask=row_ok, other=0).to(tl.int64)
+    c_lo = (cb0 + c) * BLOCK_M
+    has_pos_tile = tile_has_positive(t, row_ok, r * BLOCK_N, c_lo, BLOCK_N, BLOCK_M, COLS)
+    ds = ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, has_pos_tile,
                  T, st, TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
                  LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
                  LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,

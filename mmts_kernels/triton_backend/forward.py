@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dystress_tau, exact_positive, hardest, logits, merge_hardest, relu_keep_nan, s_tile
+from ._tiles import (dystress_tau, exact_positive, hardest, logits, merge_hardest, relu_keep_nan, s_tile,
+                     tile_has_positive)
 
 
 @triton.jit
@@ -88,14 +89,16 @@ def tile_kernel(
 
     S = s_tile(X, Y, h, rows, cols, N, M, D, sxh, sxn, sxd, syh, sym, syd,
                BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
+    has_pos_tile = tile_has_positive(t, row_ok, r * BLOCK_N, c_lo, BLOCK_N, BLOCK_M, COLS)
     valid = row_ok[:, None] & col_ok[None, :]
     is_pos = cols[None, :] == t[:, None]
     neg = valid & ~is_pos  # the negatives of row i: j ≠ t_i
     rp = (h * C + c) * N + rows  # this tile's slot in the row partials
     cp = (h * R + r) * P + local  # … and in the column partials
     if POS_FROM_TILE:
-        has_pos = row_ok & (t >= c_lo) & (t < c_lo + BLOCK_M)
-        tl.store(POS + h * N + rows, tl.sum(tl.where(valid & is_pos, S, 0.0), axis=1), mask=has_pos)
+        if has_pos_tile:
+            has_pos = row_ok & (t >= c_lo) & (t < c_lo + BLOCK_M)
+            tl.store(POS + h * N + rows, tl.sum(tl.where(valid & is_pos, S, 0.0), axis=1), mask=has_pos)
     if HINGE_ON:
         pos_r = tl.load(POS + h * N + rows, mask=row_ok, other=0.0)
         mar_r = tl.load(MARGIN + h * smar_h + rows * smar_n, mask=row_ok, other=0.0).to(ACC)
@@ -108,7 +111,7 @@ def tile_kernel(
         else:
             tau_r = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)
             z = logits(S, tau_r[:, None], FAST)
-            if tl.max((row_ok & (t >= c_lo) & (t < c_lo + BLOCK_M)).to(tl.int32), axis=0) > 0:
+            if has_pos_tile:
                 z = exact_positive(z, S, valid & is_pos, tau_r, 1, FAST)
         z_row = tl.where(col_ok[None, :], z, float("-inf"))
         p_max = tl.max(z_row, axis=1)
@@ -135,7 +138,7 @@ def tile_kernel(
             else:
                 tau_c = tl.load(TAU + h * stau_h + cols * stau_n, mask=col_ok, other=1.0).to(ACC)
                 zc = logits(S, tau_c[None, :], FAST)
-                if (c_lo < r * BLOCK_N + BLOCK_N) & (r * BLOCK_N < c_lo + BLOCK_M):  # the tile meets the diagonal
+                if has_pos_tile:
                     zc = exact_positive(zc, S, valid & is_pos, tau_c, 0, FAST)
             zc = tl.where(row_ok[:, None], zc, float("-inf"))
             q_max = tl.max(zc, axis=0)

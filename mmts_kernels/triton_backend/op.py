@@ -12,7 +12,9 @@ DySTreSS bounds runtime floats, so nothing recompiles per value. ``ws`` and ``ws
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import functools
+import os
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -67,12 +69,28 @@ def tile_config(cfg: Config):
         _override = previous
 
 
+@functools.lru_cache(maxsize=8)
+def _parse_config(spec: str, base: Config) -> Config:
+    """``MMTS_KERNELS_TRITON_CONFIG="block_n=64,num_warps=4"``: fields of ``Config`` over the default, for tuning
+    sweeps on a GPU without editing code (opt-in; the pinned default keeps runs and compile times predictable)."""
+    fields = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in Config.__dataclass_fields__ or not value.strip().isdigit():
+            raise ValueError(f"MMTS_KERNELS_TRITON_CONFIG: expected name=integer with name one of "
+                             f"{', '.join(Config.__dataclass_fields__)}, got {item!r}")
+        fields[name] = int(value)
+    return replace(base, **fields)
+
+
 def _config(x: Tensor) -> Config:
     if _override is not None:
         return _override
     if x.device.type != "cuda":
         return INTERPRETER_CONFIG
-    return GPU_CONFIG_FP64 if x.dtype == torch.float64 else GPU_CONFIG
+    base = GPU_CONFIG_FP64 if x.dtype == torch.float64 else GPU_CONFIG
+    spec = os.environ.get("MMTS_KERNELS_TRITON_CONFIG")
+    return _parse_config(spec, base) if spec else base
 
 
 def _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max):
