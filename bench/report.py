@@ -20,6 +20,7 @@ import torch
 CSV_FIELDS = ["device", "backend", "loss", "dtype", "N", "M", "D", "pass", "ms_median", "peak_mem_bytes", "tflops",
               "ms_q1", "ms_q3", "repeats"]
 REFERENCE = "torch"
+RIVAL = "openclip_compile"  # what a user would otherwise run at its fastest: the second ratio column
 GEMM = "gemm"
 # A cell is flagged when the interquartile range of some pass's repeats exceeds this fraction of its median.
 NOISY_SPREAD = 0.25
@@ -88,7 +89,8 @@ def _csv_value(v):
 # The summary table: one line per (loss, dtype, N, D, backend), the three passes side by side.
 
 def summary(rows: List[dict]) -> List[dict]:
-    """Pivoted lines with ratios against the torch reference and the GEMM rate of the same (dtype, N, D)."""
+    """Pivoted lines with ratios against the torch reference, the compiled open_clip-style loss and the GEMM rate
+    of the same (dtype, N, D)."""
     cells: Dict[tuple, dict] = defaultdict(dict)
     notes: Dict[tuple, set] = defaultdict(set)
     gemm: Dict[tuple, dict] = {}
@@ -105,6 +107,7 @@ def summary(rows: List[dict]) -> List[dict]:
         loss, dtype, N, D, backend = key
         ref = cells.get((loss, dtype, N, D, REFERENCE), {})
         full, ref_full = passes.get("full", {}), ref.get("full", {})
+        rival_full = cells.get((loss, dtype, N, D, RIVAL), {}).get("full", {})
         g = gemm.get((dtype, N, D), {})
         spread = max((_spread(r) for r in passes.values()), default=math.nan, key=_nan_low)
         flags = trust_flags(passes)
@@ -116,6 +119,7 @@ def summary(rows: List[dict]) -> List[dict]:
             full_mib=_mib(full.get("peak_mem_bytes")),
             speedup=ratio(ref_full.get("ms_median"), full.get("ms_median")),
             mem_ratio=ratio(full.get("peak_mem_bytes"), ref_full.get("peak_mem_bytes")),
+            vs_rival=ratio(rival_full.get("ms_median"), full.get("ms_median")),
             note="; ".join(flags + sorted(notes[key])),
         ))
     order = {b: i for i, b in enumerate(_backend_order(rows))}
@@ -199,7 +203,8 @@ _COLUMNS = [  # (title, key, format, suffix)
     ("backend", "backend", "", ""), ("fwd ms", "fwd_ms", ".2f", ""), ("bwd ms", "bwd_ms", ".2f", ""),
     ("fwd+bwd ms", "full_ms", ".2f", ""), ("spread", "spread", ".0%", ""), ("TFLOP/s", "full_tflops", ".3f", ""), ("of GEMM", "of_gemm", ".0%", ""),
     ("peak MiB", "full_mib", ".1f", ""), ("speed vs torch", "speedup", ".2f", "×"),
-    ("mem vs torch", "mem_ratio", ".2f", "×"), ("note", "note", "", ""),
+    ("mem vs torch", "mem_ratio", ".2f", "×"), (f"speed vs {RIVAL}", "vs_rival", ".2f", "×"),
+    ("note", "note", "", ""),
 ]
 
 
@@ -230,11 +235,16 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
             "memory is the op's growth over its inputs (GPU: `torch.cuda.max_memory_allocated`; CPU: RSS high-water "
             "mark growth in a fresh process per cell). TFLOP/s count 8·N·M·D per forward+backward (2 forward, "
             "6 backward). \"vs torch\": the eager torch reference's fwd+bwd time divided by this backend's (higher is "
-            "faster), and this backend's fwd+bwd peak memory divided by the reference's (lower is leaner). "
+            "faster), and this backend's fwd+bwd peak memory divided by the reference's (lower is leaner); "
+            f"\"vs {RIVAL}\" likewise against the open_clip-style loss under torch.compile. "
             "\"of GEMM\": the fwd+bwd rate as a fraction of one bare N×D·D×N GEMM's rate. \"spread\": the "
             "widest interquartile range of a pass's timed repeats, as a fraction of its median; cells over "
             f"{NOISY_SPREAD:.0%}, or whose forward took longer than their forward+backward, are marked NOISY in the "
-            "note: re-run them on a quiet machine before quoting them.", ""]
+            "note: re-run them on a quiet machine before quoting them. Competitors (`bench/competitors.py`): "
+            "openclip = open_clip's ClipLoss with the per-sample τ (S = x·yᵀ in the input dtype, cross_entropy over "
+            "S/τ[:, None] and Sᵀ/τ[:, None]; for max-margin the plain-torch hinge), eager; openclip_compile = the same "
+            "under torch.compile; inf_cl = Inf-CL's cal_inf_loss, one scalar τ (the mean of the per-sample ones), "
+            "InfoNCE only.", ""]
     header = [t for t, *_ in _COLUMNS]
     out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in _table_cells(summary(rows))]
