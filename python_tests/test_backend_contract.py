@@ -51,7 +51,7 @@ def test_infonce_terms_are_never_negative(backend, symmetric):
     N, D = 40, 40
     x = F.normalize(torch.randn(N, D, generator=g), dim=-1)
     y = F.normalize(x + 0.3 * torch.randn(N, D, generator=g) / D**0.5, dim=-1)  # every positive wins by far
-    extra = {} if symmetric else dict(symmetric=False, targets=torch.arange(N))
     dev = device_for(backend)
+    extra = {} if symmetric else dict(symmetric=False, targets=torch.arange(N, device=dev))
     terms = mk.info_nce(x.to(dev), y.to(dev), 1e-3, reduction="none", backend=backend, **extra)
     assert (terms >= 0).all(), terms.min()
