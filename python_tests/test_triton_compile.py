@@ -5,6 +5,8 @@ them (python_tests/triton_sm90.py records every launch of each loss mode and com
   * every launch compiles for sm_90 (block shapes, dtypes and tl.dot precisions the compiler accepts);
   * the S tiles run on tensor cores (wgmma) with an asynchronous copy pipeline, for 16-bit and fp32 inputs;
   * no register spills;
+  * no FMA contraction in the tile epilogues: the backward's z − lse must round as the forward's did, or p_ij
+    shifts by an ulp of |S|/τ (10⁻³ relative at |S|/τ = 10⁴);
   * fp64 kernels never convert to fp32 on the way (issue 12: fp64 results that were fp32-accurate on a GPU).
 """
 from __future__ import annotations
@@ -69,6 +71,11 @@ def test_tiles_run_on_tensor_cores_with_a_copy_pipeline(table):
 def test_no_register_spills(table):
     for r in table:
         assert r["spill_stores"] == 0, r
+
+
+def test_no_fma_contraction_in_the_tile_kernels(table):
+    for r in _rows(table, "tile_kernel") + _rows(table, "ds_kernel"):
+        assert r["fma_f32"] == 0, r
 
 
 def test_fp64_kernels_stay_in_fp64(table):

@@ -76,7 +76,7 @@ def record(dtype: torch.dtype, precision: str, **loss_kw):
 
 def compile_launch(kernel, args, kwargs):
     kw = dict(kwargs)
-    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kw}
     signature, constants, attrs = {}, {}, {}
     values = iter(args)
     for i, p in enumerate(kernel.params):
@@ -165,7 +165,8 @@ def check_all() -> list:
             rows.append(dict(case=name, dtype=str(dtype).replace("torch.", ""), precision=precision,
                              kernel=kernel.fn.__name__, shared=compiled.metadata.shared,
                              wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"),
-                             f64_to_f32=ptx.count("cvt.rn.f32.f64"), **ptxas_report(ptx)))
+                             f64_to_f32=ptx.count("cvt.rn.f32.f64"), fma_f32=ptx.count("fma.rn.f32"),
+                             **ptxas_report(ptx)))
     return rows
 
 

@@ -56,7 +56,7 @@ def logits(S, tau, FAST: tl.constexpr):
     pair); fp64 with an exact division. Forward and backward build z the same way, bit for bit, so the backward's
     p = e^{z − lse} sees the very z the forward's lse was made of (a different rounding would shift p by ulp(z),
     10⁻³ relative at |z| = 10⁴)."""
-    if FAST:
+    if FAST:  # the kernels are compiled without FMA contraction, so z is this rounded product in both passes
         return S * (1.0 / tau)
     else:
         return S / tau

@@ -278,7 +278,8 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
                    pick("arg_c", hard and cols))
         flags = dict(LSE_ON=lse, HINGE_ON=hinge, HARD_ON=hard, COLS=cols, DYSTRESS=dystress,
                      BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, ACC=acc, PRECISION=precision,
-                     UPCAST=upcast, FAST=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                     UPCAST=upcast, FAST=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     enable_fp_fusion=False)  # no FMA contraction: z − lse must round as in the forward
         gdt = _gemm_dtype(x, cdt)
         xg, yg = x.to(gdt), y.to(gdt)  # no copy on a GPU for bf16/fp16/fp32: the GEMMs read the inputs
         bm = cfg.block_m

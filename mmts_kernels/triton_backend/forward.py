@@ -324,7 +324,7 @@ def launch_forward(x, y, tau, margin, targets, *, lse, hinge, hard, ws, cols, dy
             *x.stride(), *y.stride(), targets.stride(0), *stau, *smar,
             **flags, COLS=cols, DYSTRESS=dystress, POS_FROM_TILE=not hinge,
             BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=cfg.block_d, ACC=acc, PRECISION=precision, UPCAST=upcast, FAST=fast,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
         last = cb0 + C >= num_c
         merge_kernel[(triton.cdiv(N, cfg.merge_block), H)](
             *r_part, *r_state, c_here, C, N, N, 0, N, int(last), M, **flags, **merge)
