@@ -96,6 +96,16 @@ def test_grouped_worker_runs_cells_in_one_process_and_skips_after_a_failure():
     assert got[3][2]["note"].endswith("(at N=16)")  # not tried again
 
 
+def test_grouped_worker_past_its_timeout_costs_its_cell_and_restarts():
+    """A worker silent for longer than the timeout is killed; its cell gets the note, the next cell a fresh worker
+    (here every start outlasts a 0.2 s timeout, so both cells time out, in order)."""
+    base = dict(D=8, device="cpu", repeats=1, threads=1, loss="infonce", backend="torch", N=16)
+    got = []
+    run_grouped([dict(base, dtype="float32"), dict(base, dtype="float64")], timeout=0.2,
+                on_result=lambda spec, res: got.append((spec["dtype"], res)))
+    assert [(d, r["note"]) for d, r in got] == [("float32", "timed out after 0 s"), ("float64", "timed out after 0 s")]
+
+
 def test_noisy_cells_are_flagged():
     base = dict(device="d", loss="infonce", dtype="float32", N=8, M=8, D=4, peak_mem_bytes=100, note="",
                 backend="cpp", tflops=1.0, repeats=5)
