@@ -50,12 +50,14 @@ def _record(self, *args, grid, warmup, **kwargs):
 
 def _pretend_gpu(precision: str) -> None:
     """The CPU tensors of the recording stand for CUDA ones: no availability check, no interpreter upcast, the
-    tl.dot precision a GPU would use, and no host GEMMs (their inputs would be the recorded kernels' outputs)."""
+    tl.dot precision and the ∂L/∂S panel dtype a GPU would use, and no host GEMMs (their inputs would be the
+    recorded kernels' outputs)."""
     JITFunction.run = _record
     tb.unavailable_reason = lambda device=None: None
     tb._check_mode = lambda x: None
     forward.dot_upcast = backward.dot_upcast = lambda x: False
     forward.dot_precision = backward.dot_precision = lambda x: precision
+    backward._gemm_dtype = lambda x, cdt: x.dtype if x.dtype in (torch.bfloat16, torch.float16) else cdt
     backward.matmul = lambda *args, **kwargs: None
 
 

@@ -64,7 +64,8 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, has_pos_tile,
         t = rows
     else:
         t = tl.load(T + rows * st, mask=row_ok, other=0).to(tl.int64)
-    is_pos = cols[None, :] == t[:, None]
+    rows32, cols32 = rows.to(tl.int32), cols.to(tl.int32)  # int32 compares: half the registers of int64
+    is_pos = cols32[None, :] == t.to(tl.int32)[:, None]
     c_pos = tl.load(C_POS + rv, mask=row_ok, other=0.0)
     ds = tl.where(is_pos, c_pos[:, None], 0.0).to(ACC)
     if LSE_ON:  # the logits exactly as the forward built them (see _tiles.logits)
@@ -104,15 +105,15 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, has_pos_tile,
             pos_c = tl.load(POS + h * N + cols, mask=col_ok, other=0.0)
             gh_c = tl.load(G_HINGE_C + cv, mask=col_ok, other=0.0)
             vc = mar_c[None, :] + S - pos_c[None, :]
-            ds += tl.where((rows[:, None] != cols[None, :]) & (vc > 0), gh_c[None, :], 0.0)
+            ds += tl.where((rows32[:, None] != cols32[None, :]) & (vc > 0), gh_c[None, :], 0.0)
     if HARD_ON:
         a_r = tl.load(ARG + rv, mask=row_ok, other=-1)
         gd_r = tl.load(G_HARD + rv, mask=row_ok, other=0.0)
-        ds += tl.where(cols[None, :] == a_r[:, None], gd_r[:, None], 0.0)
+        ds += tl.where(cols32[None, :] == a_r.to(tl.int32)[:, None], gd_r[:, None], 0.0)
         if COLS:
             a_c = tl.load(ARG_C + cv, mask=col_ok, other=-1)
             gd_c = tl.load(G_HARD_C + cv, mask=col_ok, other=0.0)
-            ds += tl.where(rows[:, None] == a_c[None, :], gd_c[None, :], 0.0)
+            ds += tl.where(rows32[:, None] == a_c.to(tl.int32)[None, :], gd_c[None, :], 0.0)
     return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
 

@@ -91,7 +91,9 @@ def tile_kernel(
                BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
     has_pos_tile = tile_has_positive(t, row_ok, r * BLOCK_N, c_lo, BLOCK_N, BLOCK_M, COLS)
     valid = row_ok[:, None] & col_ok[None, :]
-    is_pos = cols[None, :] == t[:, None]
+    # index compares in int32 (N, M < 2³¹): an int64 [BLOCK_N, BLOCK_M] tile costs twice the registers
+    rows32, cols32 = rows.to(tl.int32), cols.to(tl.int32)
+    is_pos = cols32[None, :] == t.to(tl.int32)[:, None]
     neg = valid & ~is_pos  # the negatives of row i: j ≠ t_i
     rp = (h * C + c) * N + rows  # this tile's slot in the row partials
     cp = (h * R + r) * P + local  # … and in the column partials
@@ -125,13 +127,13 @@ def tile_kernel(
         tl.store(R_HINGE + rp, tl.sum(tl.where(neg, relu_keep_nan(v), 0.0), axis=1), mask=row_ok)
         tl.store(R_CNT + rp, tl.sum((neg & (v > 0)).to(tl.int32), axis=1), mask=row_ok)
     if HARD_ON:
-        t_max, t_arg = hardest(S, neg, cols[None, :], M, 1)
+        t_max, t_arg = hardest(S, neg, cols32[None, :], M, 1)
         tl.store(R_HARD + rp, t_max, mask=row_ok)
         tl.store(R_ARG + rp, t_arg.to(tl.int32), mask=row_ok)
 
     # ---- columns (square symmetric case): reduce the tile along its rows
     if COLS:
-        neg_c = valid & (rows[:, None] != cols[None, :])
+        neg_c = valid & (rows32[:, None] != cols32[None, :])
         if LSE_ON:
             if DYSTRESS:
                 zc = z  # τ_ij is symmetric in the pair: the same logits
@@ -154,7 +156,7 @@ def tile_kernel(
             tl.store(C_HINGE + cp, tl.sum(tl.where(neg_c, relu_keep_nan(vc), 0.0), axis=0), mask=col_ok)
             tl.store(C_CNT + cp, tl.sum((neg_c & (vc > 0)).to(tl.int32), axis=0), mask=col_ok)
         if HARD_ON:
-            c_max, c_arg = hardest(S, neg_c, rows[:, None], N, 0)
+            c_max, c_arg = hardest(S, neg_c, rows32[:, None], N, 0)
             tl.store(C_HARD + cp, c_max, mask=col_ok)
             tl.store(C_ARG + cp, c_arg.to(tl.int32), mask=col_ok)
 
