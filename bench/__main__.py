@@ -74,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed repeats per pass on CPU (default 5; 3 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help=f"a short check: N in {QUICK_SIZES['cpu']} on CPU, {QUICK_SIZES['cuda']} on GPU; 3 repeats")
-    p.add_argument("--full", action="store_true", help="the long sweep: N up to 65536 on GPU, D in {256, 1024}")
+    p.add_argument("--full", action="store_true",
+                   help=f"the long sweep: N up to {max(FULL_SIZES['cuda'])} and D in {FULL_DIMS['cuda']} on GPU "
+                        f"(N up to {max(FULL_SIZES['cpu'])}, D in {FULL_DIMS['cpu']} on CPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out-dir", default=DEFAULT_OUT,
                    help="where the CSV, markdown and PNG go (new files named by device, date and time)")

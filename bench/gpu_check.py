@@ -537,7 +537,8 @@ def main(argv=None) -> int:
             got = time_row(row, backend, device, args.repeats, set(args.competitors))
             rows += got
             full = next((r["value"] for r in got if r["method"] == backend and r["metric"] == "full_ms"), math.nan)
-            log(f"speed {i + 1}/{len(cfg.rows)} {row.key} (N={row.N}, D={row.D}): {backend} fwd+bwd {_f(full, '.3f')} ms")
+            log(f"speed {i + 1}/{len(cfg.rows)} {row.key} (N={row.N}, D={row.D}): "
+                f"{backend} fwd+bwd {_f(full, '.3f')} ms")
 
     goal_list = goals(rows, backend) if not args.no_speed else []
     failed = [r for r in rows if r["section"] == "correctness" and r.get("status") == "FAIL"]

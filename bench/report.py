@@ -201,7 +201,8 @@ def fmt(v, spec: str, suffix: str = "") -> str:
 _COLUMNS = [  # (title, key, format, suffix)
     ("loss", "loss", "", ""), ("dtype", "dtype", "", ""), ("N", "N", "d", ""), ("D", "D", "d", ""),
     ("backend", "backend", "", ""), ("fwd ms", "fwd_ms", ".2f", ""), ("bwd ms", "bwd_ms", ".2f", ""),
-    ("fwd+bwd ms", "full_ms", ".2f", ""), ("spread", "spread", ".0%", ""), ("TFLOP/s", "full_tflops", ".3f", ""), ("of GEMM", "of_gemm", ".0%", ""),
+    ("fwd+bwd ms", "full_ms", ".2f", ""), ("spread", "spread", ".0%", ""), ("TFLOP/s", "full_tflops", ".3f", ""),
+    ("of GEMM", "of_gemm", ".0%", ""),
     ("peak MiB", "full_mib", ".1f", ""), ("speed vs torch", "speedup", ".2f", "×"),
     ("mem vs torch", "mem_ratio", ".2f", "×"), (f"speed vs {RIVAL}", "vs_rival", ".2f", "×"),
     ("note", "note", "", ""),
