@@ -545,7 +545,9 @@ def main(argv=None) -> int:
     text = markdown(rows, goal_list, backend, dict(
         command="python -m bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
         date=now.strftime("%Y-%m-%d %H:%M"), device=f"{label} ({device.type})", versions=versions,
-        backend=backend, wall=f"{time.perf_counter() - start:.0f} s"))
+        backend=backend, wall=f"{time.perf_counter() - start:.0f} s",
+        memory="torch.cuda.max_memory_allocated after a reset" if device.type == "cuda" else
+        "RSS growth inside this one process: a rough number (python -m bench measures CPU memory cleanly)"))
     print(text)
     stem = report.new_stem(args.out_dir, report.file_stem(f"gpu-check-{label}", now.strftime("%Y-%m-%d-%H%M")),
                            (".csv", ".md"))
