@@ -231,7 +231,10 @@ def run_batch(specs) -> None:
     rules = SkipRules()
     for index, spec in enumerate(specs):
         note = rules.note_for(spec)
-        result = {"rows": [], "note": note} if note else measure_cell(spec)
+        try:
+            result = {"rows": [], "note": note} if note else measure_cell(spec)
+        except Exception as exc:  # noqa: BLE001 — e.g. inputs that do not fit: the next cells still run here
+            result = {"rows": [], "note": describe(exc)}
         rules.record(spec, result)
         sys.stdout.write(f"{CELL_PREFIX} {index} {json.dumps(result)}\n")
         sys.stdout.flush()
