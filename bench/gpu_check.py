@@ -534,7 +534,13 @@ def main(argv=None) -> int:
                 rows.append(_skipped("speed", row.key, row, backend))
                 log(f"speed {i + 1}/{len(cfg.rows)} {row.key}: skipped (time budget)")
                 continue
-            got = time_row(row, backend, device, args.repeats, set(args.competitors))
+            try:
+                got = time_row(row, backend, device, args.repeats, set(args.competitors))
+            except Exception as exc:  # noqa: BLE001 — e.g. inputs that do not fit: the other lines still run
+                got = [dict(section="speed", name=row.key, dtype=row.dtype, precision=row.precision or "", N=row.N,
+                            M=row.N, D=row.D, mode=row.mode, method=backend, metric="full_ms", value=math.nan,
+                            note=describe(exc))]
+            _free(device)
             rows += got
             full = next((r["value"] for r in got if r["method"] == backend and r["metric"] == "full_ms"), math.nan)
             log(f"speed {i + 1}/{len(cfg.rows)} {row.key} (N={row.N}, D={row.D}): "
