@@ -1,6 +1,10 @@
 """`python -m bench.gpu_check`: check a GPU in one go — correctness at scale, then the speed table of issue 11.
 
-    python -m bench.gpu_check [--quick] [--backend triton] [--budget 540] [--out-dir bench/results]
+    python -m bench.gpu_check [--quick] [--backend triton] [--budget 480] [--out-dir bench/results]
+
+Time: the correctness cases may use half of ``--budget`` seconds, the speed table the rest; what does not fit is
+reported as skipped, most important first (the full run is sized for one 10-minute call, --quick for a few
+minutes; --no-speed / --no-correctness run one half with the whole budget).
 
 Correctness. Every case runs the backend under test through the public API (``mk.contrastive_loss``) and the
 ``torch`` backend in float64 on the same inputs rounded to the case's dtype (so the error measured is the
