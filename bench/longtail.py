@@ -3,8 +3,8 @@ cluster (MM-TS) be credited with better long-tail retrieval — and is the credi
 
 PRIMARY METRIC (declared before any run, printed by every run): test nDCG over all queries (class-balanced gallery,
 x→y and y→x averaged), and the primary contrast MM-TS − TS (InfoNCE). The attribution is read from the controls:
-MM-TS − (TS at MM-TS's mean τ), MM-TS − (MM-TS, shifts shuffled), MM-TS − (MM-TS, reversed). Every other metric,
-group and contrast is secondary.
+MM-TS − (TS re-centred at MM-TS's mean τ), MM-TS − (MM-TS with its mean shift: no per-sample spread),
+MM-TS − (MM-TS, shifts shuffled), MM-TS − (MM-TS, reversed). Every other metric, group and contrast is secondary.
 
 Data, metrics: `bench.longtail_data` (head clusters full of near-duplicates, i.e. false negatives; class-balanced
 validation / test splits with EK-100-style graded relevance). Schedules, controls, training: `bench.longtail_methods`.
@@ -18,7 +18,7 @@ Protocol
   2. Evaluation: every row on evaluation seeds 0 … S−1 (for a seed, every row shares the data, the initial weights
      and the batch order), scored on the *test* split; paired differences with 95% t-intervals.
   3. Dose–response (InfoNCE): for Zipf exponents s and shift-range widths w (fractions of the widest range that
-     keeps τ ≥ 0.01 around the tuned MM-TS's centre, tuned α), MM-TS − TS (tuned), MM-TS − recentred and
+     keeps τ ≥ 0.01 around the tuned MM-TS's centre, tuned α), MM-TS − TS (tuned), MM-TS − mean shift and
      MM-TS − shuffled on the primary metric. If the mechanism is real, the gaps grow with w and s.
 
 Results never overwrite anything: the default output is a new time-stamped file under build/longtail/ (git-ignored);
@@ -42,7 +42,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from .longtail_data import GROUPS, METRICS, DataConfig, evaluate, make_data
-from .longtail_methods import Schedule, TrainConfig, default_backend, recentred, train
+from .longtail_methods import (TAU_FLOOR, Schedule, TrainConfig, default_backend, mean_shift, mean_value,
+                               recentred_at, train)
 from .longtail_stats import paired_interval
 from .progress import progress
 from .report import device_name
@@ -69,23 +70,28 @@ TUNED: Dict[str, Tuple[str, List[Schedule]]] = {
 }
 # Controls: (the tuned MM-TS row they ablate, what they change; see bench.longtail_methods).
 CONTROLS: Dict[str, Tuple[str, str]] = {
-    "TS at MM-TS's mean τ": ("MM-TS", "recentred"),
+    "TS re-centred at MM-TS's mean τ": ("MM-TS", "re-centred"),
+    "MM-TS, mean shift (no spread)": ("MM-TS", "mean shift"),
     "MM-TS, shifts shuffled": ("MM-TS", "shuffled"),
     "MM-TS, reversed": ("MM-TS", "reversed"),
-    "cosine m at MM-TS m's mean": ("MM-TS m", "recentred"),
+    "cosine m re-centred at MM-TS m's mean": ("MM-TS m", "re-centred"),
+    "MM-TS m, mean shift (no spread)": ("MM-TS m", "mean shift"),
     "MM-TS m, shifts shuffled": ("MM-TS m", "shuffled"),
     "MM-TS m, reversed": ("MM-TS m", "reversed"),
 }
-ROWS = ("fixed τ", "TS", "MM-TS", "TS at MM-TS's mean τ", "MM-TS, shifts shuffled", "MM-TS, reversed",
-        "fixed m", "cosine m", "MM-TS m", "cosine m at MM-TS m's mean", "MM-TS m, shifts shuffled",
-        "MM-TS m, reversed")
-COMPARISONS = (PRIMARY_CONTRAST, ("MM-TS", "TS at MM-TS's mean τ"), ("MM-TS", "MM-TS, shifts shuffled"),
-               ("MM-TS", "MM-TS, reversed"), ("MM-TS", "fixed τ"), ("TS", "fixed τ"),
-               ("MM-TS m", "cosine m"), ("MM-TS m", "cosine m at MM-TS m's mean"),
-               ("MM-TS m", "MM-TS m, shifts shuffled"), ("MM-TS m", "MM-TS m, reversed"), ("MM-TS m", "fixed m"))
+COSINE_OF = {"MM-TS": "TS", "MM-TS m": "cosine m"}  # the tuned cosine row a "re-centred" control moves
+ROWS = ("fixed τ", "TS", "MM-TS") + tuple(k for k in CONTROLS if CONTROLS[k][0] == "MM-TS") + (
+    "fixed m", "cosine m", "MM-TS m") + tuple(k for k in CONTROLS if CONTROLS[k][0] == "MM-TS m")
+
+
+def _contrasts(mm: str, cos: str, fixed: str) -> Tuple[Tuple[str, str], ...]:
+    controls = tuple(k for k in CONTROLS if CONTROLS[k][0] == mm)
+    return ((mm, cos),) + tuple((mm, c) for c in controls) + ((controls[0], cos), (mm, fixed), (cos, fixed))
+
+
+COMPARISONS = _contrasts("MM-TS", "TS", "fixed τ") + _contrasts("MM-TS m", "cosine m", "fixed m")
 COLUMNS = (PRIMARY, "head nDCG", "middle nDCG", "tail nDCG", "overall mAP", "overall R@1", "overall R@10",
            "tail R@1")
-TAU_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,13 @@ def row_schedule(row: str, chosen: Dict[str, Schedule], sizes: torch.Tensor) -> 
         return TUNED[row][0], chosen[row]
     base, how = CONTROLS[row]
     sched = chosen[base]
-    return TUNED[base][0], (recentred(sched, sizes) if how == "recentred" else replace(sched, assign=how))
+    if how == "mean shift":
+        sched = mean_shift(sched, sizes)
+    elif how == "re-centred":
+        sched = recentred_at(chosen[COSINE_OF[base]], mean_value(sched, sizes))
+    else:
+        sched = replace(sched, assign=how)
+    return TUNED[base][0], sched
 
 
 def evaluate_rows(runner: Runner, exp: Experiment, chosen) -> Dict[str, List[Dict[str, float]]]:
@@ -180,7 +192,7 @@ def dose_schedules(mmts: Schedule, widths) -> List[Schedule]:
 
 
 def dose_response(runner: Runner, exp: Experiment, chosen) -> Dict[Tuple[float, int], Dict[str, List[float]]]:
-    """{(zipf, width index): {"MM-TS" | "TS" | "recentred" | "shuffled": [primary metric per seed]}}."""
+    """{(zipf, width index): {"MM-TS" | "TS" | "mean shift" | "shuffled": [primary metric per seed]}}."""
     out = {}
     scheds = dose_schedules(chosen["MM-TS"], exp.dose_widths)
     for s in exp.dose_zipf:
@@ -190,9 +202,9 @@ def dose_response(runner: Runner, exp: Experiment, chosen) -> Dict[Tuple[float, 
             sizes = runner.data(cfg, seed).train_sizes
             ts = runner.score("infonce", chosen["TS"], cfg, seed, "test")[PRIMARY]
             for w, sched in enumerate(scheds):
-                cell = out.setdefault((s, w), {"MM-TS": [], "TS": [], "recentred": [], "shuffled": []})
+                cell = out.setdefault((s, w), {"MM-TS": [], "TS": [], "mean shift": [], "shuffled": []})
                 cell["TS"].append(ts)
-                for name, variant in (("MM-TS", sched), ("recentred", recentred(sched, sizes)),
+                for name, variant in (("MM-TS", sched), ("mean shift", mean_shift(sched, sizes)),
                                       ("shuffled", replace(sched, assign="shuffled"))):
                     cell[name].append(runner.score("infonce", variant, cfg, seed, "test")[PRIMARY])
     return out
@@ -243,11 +255,11 @@ def tuning_table(scores, chosen) -> List[str]:
 
 def dose_table(dose, exp: Experiment, chosen) -> List[str]:
     scheds = dose_schedules(chosen["MM-TS"], exp.dose_widths)
-    lines = [f"| Zipf s | shift range (α = {chosen['MM-TS'].params[0]:g}) | MM-TS − TS | MM-TS − recentred | "
+    lines = [f"| Zipf s | shift range (α = {chosen['MM-TS'].params[0]:g}) | MM-TS − TS | MM-TS − mean shift | "
              "MM-TS − shuffled |", "|---|---|---|---|---|"]
     for (s, w), cell in sorted(dose.items()):
         lo, hi = scheds[w].params[1:]
-        gaps = [_ci(paired_interval(cell["MM-TS"], cell[b])) for b in ("TS", "recentred", "shuffled")]
+        gaps = [_ci(paired_interval(cell["MM-TS"], cell[b])) for b in ("TS", "mean shift", "shuffled")]
         lines.append(f"| {s:g} | [{lo:.3f}, {hi:.3f}] | " + " | ".join(gaps) + " |")
     return lines
 

@@ -9,12 +9,17 @@ Every schedule is evaluated with `mk.schedules` (the one reference implementatio
 
 Controls keep MM-TS's tuned (α, sh_min, sh_max) and change one thing each:
 
-    recentred    the cosine schedule with MM-TS's amplitude around MM-TS's mean shift over the training samples,
-                 lo/hi = mean_i sh(n_i) ∓ α/2: same mean τ and oscillation, no per-sample spread
+    mean shift   the cosine schedule with MM-TS's amplitude around MM-TS's mean shift over the training samples,
+                 lo/hi = mean_i sh(n_i) ∓ α/2: the same mean τ and oscillation, no per-sample spread
+    re-centred   the *tuned TS* range moved so that its mean equals MM-TS's mean τ, lo/hi = lo_TS/hi_TS + Δ
+                 (lo kept ≥ TAU_FLOOR): TS's own amplitude at MM-TS's mean
     shuffled     n_i replaced by n_{π(i)} for a fixed random permutation π: the same multiset of per-sample
                  values, unrelated to cluster size
     reversed     n_i replaced by the size of the sample at the mirrored position of the size order: the same
                  multiset of values, but the smallest clusters get the largest ones (tail → higher τ)
+
+Means are over the training samples and whole periods (the cosine terms average to zero): fixed v → v,
+cosine → (lo + hi)/2, MM-TS → mean_i sh(n_i).
 
 The max-margin rows use the same schedules as per-sample margins (DESIGN §5: MM-TS's margin is its τ value).
 """
@@ -31,6 +36,7 @@ import mmts_kernels as mk
 from .longtail_data import Data
 
 ASSIGNMENTS = ("size", "shuffled", "reversed")
+TAU_FLOOR = 0.01  # the lowest τ any schedule built here may reach
 
 
 @dataclass(frozen=True)
@@ -55,11 +61,27 @@ class Schedule:
         return f"α={a:g}, sh∈[{lo:g}, {hi:g}]" + ("" if self.assign == "size" else f", {self.assign}")
 
 
-def recentred(mmts: Schedule, sizes: torch.Tensor) -> Schedule:
+def mean_value(s: Schedule, sizes: torch.Tensor) -> float:
+    """The mean τ (or margin) over the training samples (``sizes``: their cluster sizes) and whole periods."""
+    if s.kind == "fixed":
+        return s.params[0]
+    if s.kind == "cosine":
+        return 0.5 * (s.params[0] + s.params[1])
+    _, lo, hi = s.params
+    return float(mk.schedules.cluster_shift(sizes, lo, hi, n_min=sizes.min(), n_max=sizes.max()).mean())
+
+
+def mean_shift(mmts: Schedule, sizes: torch.Tensor) -> Schedule:
     """The cosine schedule with MM-TS's amplitude α around MM-TS's mean shift over the training samples."""
-    alpha, lo, hi = mmts.params
-    centre = float(mk.schedules.cluster_shift(sizes, lo, hi, n_min=sizes.min(), n_max=sizes.max()).mean())
+    centre, alpha = mean_value(mmts, sizes), mmts.params[0]
     return Schedule("cosine", (centre - alpha / 2, centre + alpha / 2))
+
+
+def recentred_at(cosine: Schedule, mean: float) -> Schedule:
+    """A cosine schedule moved so that its mean is ``mean`` (its low end kept at TAU_FLOOR or above)."""
+    lo, hi = cosine.params
+    delta = mean - 0.5 * (lo + hi)
+    return Schedule("cosine", (max(lo + delta, TAU_FLOOR), hi + delta))
 
 
 def assigned_sizes(assign: str, sizes: torch.Tensor, seed: int) -> torch.Tensor:

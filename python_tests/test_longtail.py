@@ -61,11 +61,30 @@ def test_controls_keep_the_values_and_change_only_their_link_to_cluster_size():
         assert float(tau[sizes == 500].min()) > float(tau[sizes == 8].max())  # MM-TS: head → higher τ
         assert float(tau_rev[sizes == 8].min()) > float(tau_rev[sizes == 500].max())  # reversed: tail → higher
         assert torch.allclose(tau.sort().values, tau_rev.sort().values)
-        # Recentred TS: the same mean over samples at every step, no per-sample spread.
-        centre = longtail_methods.schedule_value(longtail_methods.recentred(mmts, sizes), step, period, sizes)
+        # Mean shift: the same mean over samples at every step, no per-sample spread.
+        centre = longtail_methods.schedule_value(longtail_methods.mean_shift(mmts, sizes), step, period, sizes)
         assert isinstance(centre, float) and centre == pytest.approx(float(tau.double().mean()), abs=1e-6)
     with pytest.raises(ValueError, match="assign"):
         longtail_methods.Schedule("cosine", (0.1, 0.2), assign="shuffled")
+
+
+def test_recentred_ts_keeps_its_amplitude_and_takes_mm_ts_mean():
+    sizes = torch.tensor([8, 8, 8, 500, 40, 500])
+    mmts = longtail_methods.Schedule("mmts", (0.08, 0.05, 0.35))
+    # sh = 0.05 + 0.30·(n − 8)/492: the mean over these six samples, by hand.
+    want = sum(0.05 + 0.30 * (n - 8) / 492 for n in sizes.tolist()) / 6
+    assert longtail_methods.mean_value(mmts, sizes) == pytest.approx(want)
+    ts = longtail_methods.Schedule("cosine", (0.05, 0.30))
+    moved = longtail_methods.recentred_at(ts, want)
+    assert moved.params == pytest.approx((0.05 + want - 0.175, 0.30 + want - 0.175))
+    assert longtail_methods.mean_value(moved, sizes) == pytest.approx(want)
+    assert longtail_methods.recentred_at(ts, 0.05).params[0] == longtail_methods.TAU_FLOOR  # never τ ≤ 0
+    # The rows built from the tuned settings: re-centred TS has TS's range moved to MM-TS's mean.
+    chosen = {"TS": ts, "MM-TS": mmts}
+    loss, sched = longtail.row_schedule("TS re-centred at MM-TS's mean τ", chosen, sizes)
+    assert loss == "infonce" and sched == moved
+    _, sched = longtail.row_schedule("MM-TS, reversed", chosen, sizes)
+    assert sched == longtail_methods.Schedule("mmts", mmts.params, "reversed")
 
 
 def test_dose_widths_stay_above_the_floor_around_the_tuned_centre():
