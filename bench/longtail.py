@@ -300,7 +300,8 @@ def default_out(quick: bool) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.longtail", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="30 clusters, 100 steps, 1 tuning seed, a smaller sweep (about 2 minutes on one core)")
+    p.add_argument("--quick", action="store_true",
+                   help="30 clusters, 100 steps, 1 tuning seed, a smaller sweep (about 2 minutes on one core)")
     p.add_argument("--seeds", type=int, help="evaluation seeds (0 … n−1), at least 2")
     p.add_argument("--tuning-seeds", type=int)
     p.add_argument("--dose-seeds", type=int)
