@@ -17,9 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench` is not an installed package: import it from the checkout
 
 import mmts_kernels as mk  # noqa: E402
-from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report  # noqa: E402
+from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report, triton_sweep  # noqa: E402
 from bench.__main__ import run_grouped  # noqa: E402
 from bench.timing import PeakMemory, Timing, cpu_probe_reason, measure_ms  # noqa: E402
+from support import backend_marker  # noqa: E402
 
 HEADER = "device,backend,loss,dtype,N,M,D,pass,ms_median,peak_mem_bytes,tflops,ms_q1,ms_q3,repeats"
 CPP = pytest.mark.skipif(mk.backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
@@ -200,6 +201,16 @@ def test_gpu_check_runs_the_triton_backend_under_the_interpreter(tmp_path):
 
 
 @CPP
+@backend_marker("triton")
+def test_triton_sweep_tiny(capsys):
+    """The tuning sweep runs each configuration of a cell and prints one line each (tiny, interpreter)."""
+    assert triton_sweep.main(["--tiny", "--repeats", "1", "--configs", "", "panel_blocks=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("device ") and "bare GEMM" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["(default)", "panel_blocks=1"]
+    assert all(float(line.split()[3]) > 0 for line in lines[2:])  # the total time
+
+
 def test_cpp_vs_gemm_tiny(tmp_path):
     out = tmp_path / "cpp.md"
     threads = torch.get_num_threads()
