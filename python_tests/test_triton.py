@@ -236,8 +236,9 @@ def test_every_statistic_against_the_reference():
 
 
 def test_fp32_precision_follows_torch():
-    """tl.dot on fp32 follows torch.get_float32_matmul_precision(): "highest" → three TF32 products (fp32-accurate),
-    "high"/"medium" → TF32, as torch.matmul; fp64 and the interpreter are exact."""
+    """tl.dot on fp32 follows PyTorch's matmul precision: "highest" → three TF32 products (fp32-accurate),
+    "high"/"medium" → TF32, as torch.matmul; fp64 and the interpreter are exact. Also through the per-backend API
+    (torch ≥ 2.9), after which the legacy getter raises."""
     from types import SimpleNamespace
 
     from mmts_kernels.triton_backend.forward import dot_precision
@@ -252,6 +253,40 @@ def test_fp32_precision_follows_torch():
             assert dot_precision(torch.zeros(1)) == "ieee"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_fp32_precision_through_the_per_backend_api():
+    """A subprocess: once torch.backends.cuda.matmul.fp32_precision is set, the legacy getter raises for good."""
+    code = (
+        "import torch\n"
+        "from types import SimpleNamespace\n"
+        "from mmts_kernels.triton_backend.forward import dot_precision\n"
+        "from mmts_kernels.triton_backend.backward import _tf32_products\n"
+        "cuda32 = SimpleNamespace(dtype=torch.float32, device=torch.device('cuda'))\n"
+        "api = torch.backends.cuda.matmul\n"
+        "if not hasattr(api, 'fp32_precision'): print('tf32x3 tf32 tf32 ieee'); raise SystemExit\n"
+        "api.fp32_precision = 'ieee'\n"
+        "a = dot_precision(cuda32)\n"
+        "with _tf32_products():\n"
+        "    inside = api.fp32_precision\n"
+        "restored = api.fp32_precision\n"
+        "api.fp32_precision = 'tf32'\n"
+        "print(a, dot_precision(cuda32), inside, restored)\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["tf32x3", "tf32", "tf32", "ieee"], out.stdout
+
+
+def test_panels_fit_the_cuda_grid():
+    """A panel's column blocks go on grid axis 1, which CUDA caps at 65535: a huge M gets more panels instead."""
+    from mmts_kernels.triton_backend.forward import MAX_GRID_Y, panel_width
+
+    assert panel_width(1024, 5_000_000, 128, 1, 64) == MAX_GRID_Y * 64
+    assert panel_width(100, 300, 8, 10, 16) % 16 == 0
 
 
 def test_tuning_config_from_the_environment():

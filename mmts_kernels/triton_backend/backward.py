@@ -30,8 +30,8 @@ otherwise). Then, per head, cuBLAS does
 P ≈ 2·D (``panel_width``) keeps the panel at about one copy of x and y: extra memory O((N + M)·D), never N·M.
 fp16: dS is scaled by a power of two that brings its largest possible magnitude to ≤ 1 (p_ij/τ of a batch of
 16k rows underflows fp16 otherwise), and the products are unscaled exactly afterwards.
-fp32 inputs follow torch.get_float32_matmul_precision(): "highest" → three TF32 products on split operands
-(hi·hi + hi·lo + lo·hi, fp32-accurate), "high"/"medium" → TF32, as torch.matmul itself.
+fp32 inputs follow PyTorch's matmul precision (``dot_precision``): "tf32x3" ("highest") →
+three TF32 products on split operands (hi·hi + hi·lo + lo·hi, fp32-accurate), "tf32" → TF32, as torch.matmul.
 
 Work and traffic (the whole backward): 2·N·M·D FLOPs recomputing S in Triton + 4·N·M·D in the GEMMs (the
 floor of a fused backward: 6·N·M·D); dS written once and read twice (N·M elements in the GEMM dtype, the
@@ -40,6 +40,7 @@ panel mostly from L2); dx's fp32 accumulator read and written once per panel (2�
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import triton
@@ -171,41 +172,73 @@ def _tf32_split(a: torch.Tensor):
     return hi, a - hi
 
 
+_TF32_TOGGLE = threading.Lock()
+
+
 @contextlib.contextmanager
-def _matmul_precision(value: str):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+def _tf32_products():
+    """TF32 for the cuBLAS products inside the block, through whichever of PyTorch's two APIs is in use (setting the
+    legacy one after the per-backend one was used would make the legacy getter raise for the user). The setting is
+    process-wide: the lock keeps two of our backward passes from interleaving save and restore."""
+    with _TF32_TOGGLE:
+        try:
+            previous = torch.get_float32_matmul_precision()
+
+            def put(value):
+                torch.set_float32_matmul_precision(value)
+            on = "high"
+        except RuntimeError:
+            matmul_api = torch.backends.cuda.matmul
+            previous = matmul_api.fp32_precision
+
+            def put(value):
+                matmul_api.fp32_precision = value
+            on = "tf32"
+        put(on)
+        try:
+            yield
+        finally:
+            put(previous)
 
 
-_OUT_DTYPE_MM = True  # torch.mm/addmm(..., out_dtype=fp32) on 16-bit operands works here (until it raises)
+_FP32_OUTPUT = {}  # device type → whether torch.mm/addmm(..., out_dtype=fp32) takes 16-bit operands there
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+def _fp32_output_supported(a: torch.Tensor) -> bool:
+    """Probed once per device type on tiny tensors, so a real failure later (say, out of memory) is raised, not
+    mistaken for a missing feature. Without it (a torch before out_dtype), each panel product is rounded to the
+    16-bit dtype before it is accumulated in fp32."""
+    kind = a.device.type
+    if kind not in _FP32_OUTPUT:
+        small = torch.ones((2, 2), dtype=a.dtype, device=a.device)
+        acc = torch.zeros((2, 2), dtype=torch.float32, device=a.device)
+        try:
+            torch.mm(small, small, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, small, small, out_dtype=torch.float32, out=acc)
+            _FP32_OUTPUT[kind] = bool(acc.eq(4.0).all())
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUTPUT[kind] = False
+    return _FP32_OUTPUT[kind]
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, split_tf32: bool = False) -> None:
     """out (+)= a @ b, accumulated in out's dtype (fp32 out from bf16/fp16 operands: cuBLAS's fp32 output mode).
-    fp32 operands on a GPU under matmul precision "highest": the three-TF32 split, fp32-accurate at tensor-core
-    speed. Otherwise torch.matmul as it is (TF32 under "high"/"medium", like PyTorch's own products)."""
-    if a.dtype == torch.float32 and a.is_cuda and torch.get_float32_matmul_precision() == "highest":
+    ``split_tf32`` (fp32 on a GPU under "highest"): the three-TF32 split, fp32-accurate at tensor-core speed.
+    Otherwise torch.matmul as it is (TF32 under "high"/"medium", like PyTorch's own products)."""
+    if split_tf32:
         (a_hi, a_lo), (b_hi, b_lo) = _tf32_split(a), _tf32_split(b)
-        with _matmul_precision("high"):
+        with _tf32_products():
             matmul(a_hi, b_hi, out, accumulate)
             matmul(a_hi, b_lo, out, True)
             matmul(a_lo, b_hi, out, True)
         return
     if a.dtype != out.dtype:  # bf16/fp16 operands, fp32 result
-        global _OUT_DTYPE_MM
-        if _OUT_DTYPE_MM:
-            try:
-                if accumulate:
-                    torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-                else:
-                    torch.mm(a, b, out_dtype=out.dtype, out=out)
-                return
-            except (TypeError, RuntimeError, NotImplementedError):
-                _OUT_DTYPE_MM = False  # a torch without cuBLAS's fp32-output mode (out_dtype): round per panel
+        if _fp32_output_supported(a):
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            else:
+                torch.mm(a, b, out_dtype=out.dtype, out=out)
+            return
         product = (a @ b).to(out.dtype)
         if accumulate:
             out.add_(product)
@@ -243,6 +276,7 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
     M = y.shape[1]
     cdt, acc, fast = kernel_types(x)
     upcast, precision = dot_upcast(x), dot_precision(x)
+    split = precision == "tf32x3" and x.dtype == torch.float32  # the forward's S was fp32-accurate: so are these
 
     def g(name, on=True):
         grad = grads.get(name)
@@ -303,9 +337,9 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
             for h in range(H):
                 panel = ds[h, :, : c1 - c0]
                 if need_x:
-                    matmul(panel, yg[h, c0:c1], dx_acc[h], accumulate=cb0 > 0)
+                    matmul(panel, yg[h, c0:c1], dx_acc[h], accumulate=cb0 > 0, split_tf32=split)
                 if need_y:
-                    matmul(panel.t(), xg[h], dy_acc[h, c0:c1], accumulate=False)
+                    matmul(panel.t(), xg[h], dy_acc[h, c0:c1], accumulate=False, split_tf32=split)
         if x.dtype == torch.float16:
             unscale = 1.0 / scale  # exact: a power of two
             dx_acc = dx_acc.mul_(unscale) if need_x else None

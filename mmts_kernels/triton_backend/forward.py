@@ -228,13 +228,27 @@ def dot_upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type != "cuda"
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets fp32 CUDA matmuls use TF32: matmul precision "high"/"medium" (legacy API), or
+    fp32_precision = "tf32" (the per-backend API of torch ≥ 2.9; the legacy getter raises once it was used)."""
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        value = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+        if value == "none":
+            value = getattr(torch.backends, "fp32_precision", "none")
+        return value == "tf32"
+
+
 def dot_precision(x: torch.Tensor) -> str:
     """tl.dot's input_precision for fp32 inputs, from PyTorch's own switch (ignored for 16-bit inputs):
     "highest" (PyTorch's default) → "tf32x3", fp32-accurate (the 1e-5 bar) on tensor cores; "high"/"medium" →
-    "tf32", as torch.matmul does then. fp64 and the interpreter: "ieee"."""
+    "tf32", as torch.matmul does then. fp64 and the interpreter: "ieee". Read at run time inside the forward and
+    again inside the backward (a traced read would break torch.compile's graph): change the setting between a
+    forward and its backward and the backward's S is not the forward's."""
     if x.dtype == torch.float64 or x.device.type != "cuda":
         return "ieee"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if tf32_allowed() else "tf32x3"
 
 
 def kernel_types(x: torch.Tensor):
@@ -252,13 +266,16 @@ def dystress_params(x: torch.Tensor, cdt: torch.dtype, tau_min: float, tau_max: 
     return params
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the column blocks of a panel go
+
+
 def panel_width(N: int, M: int, D: int, per_column: int, block_m: int) -> int:
     """Columns per panel: as many column blocks as keep ``per_column``·P extra elements within (N + M)·max(D,
     BLOCK_M) — about one fp32 copy of x and y — and at least one block. Shared by the forward (partials) and
     the backward (the ∂L/∂S panel)."""
     budget = (N + M) * max(D, block_m)
     blocks = max(1, budget // max(1, per_column * block_m))
-    return min(triton.cdiv(M, block_m), blocks) * block_m
+    return min(triton.cdiv(M, block_m), blocks, MAX_GRID_Y) * block_m
 
 
 def launch_forward(x, y, tau, margin, targets, *, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max,

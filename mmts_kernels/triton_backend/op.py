@@ -93,6 +93,11 @@ def _config(x: Tensor) -> Config:
     return _parse_config(spec, base) if spec else base
 
 
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device and stream: make that x's device (a custom op gets no guard)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max):
     return dict(lse=lse, hinge=hinge, hard=hard, ws=ws, cols=cols, dystress=dystress, tau_min=tau_min,
                 tau_max=tau_max)
@@ -105,9 +110,10 @@ _StatsTuple = Tuple[(Tensor,) * len(FIELDS)]
 def triton_stats(x: Tensor, y: Tensor, tau: Optional[Tensor], margin: Optional[Tensor], targets: Tensor,
                  lse: bool, hinge: bool, hard: bool, ws: bool, cols: bool, dystress: bool,
                  tau_min: float, tau_max: float, deterministic: bool) -> _StatsTuple:
-    return _forward_mod.launch_forward(
-        x, y, tau, margin, targets, **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
-        deterministic=deterministic, cfg=_config(x))
+    with _on_device(x):
+        return _forward_mod.launch_forward(
+            x, y, tau, margin, targets, **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
+            deterministic=deterministic, cfg=_config(x))
 
 
 @triton_stats.register_fake
@@ -131,10 +137,11 @@ def triton_stats_backward(x: Tensor, y: Tensor, tau: Optional[Tensor], margin: O
                           tau_min: float, tau_max: float,
                           need_x: bool, need_y: bool, need_tau: bool, need_margin: bool
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dy, dtau, dmargin = _backward_mod.launch_backward(
-        x, y, tau, margin, targets, dict(zip(FIELDS, saved)), dict(zip(FIELDS, grads)),
-        **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
-        need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin, cfg=_config(x))
+    with _on_device(x):
+        dx, dy, dtau, dmargin = _backward_mod.launch_backward(
+            x, y, tau, margin, targets, dict(zip(FIELDS, saved)), dict(zip(FIELDS, grads)),
+            **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
+            need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin, cfg=_config(x))
     empty = lambda: x.new_empty(0)  # noqa: E731  (an op's outputs must not alias: a fresh one each)
     return (dx if dx is not None else empty(), dy if dy is not None else empty(),
             dtau if dtau is not None else empty(), dmargin if dmargin is not None else empty())
