@@ -332,11 +332,11 @@ def test_fp16_gradient_scale():
     tau = torch.full((1, n), 0.01)
     g = {"pos": torch.full((1, n), -1.0 / n), "lse": torch.full((1, n), 0.5 / n), "lse_c": torch.full((1, n), 0.5 / n)}
     x16 = torch.zeros(1, dtype=torch.float16)
-    s = grad_scale(x16, g, None, tau, torch.float32, False, 0.0)
+    s = grad_scale(x16, g, tau, torch.float32, False, 0.0)
     bound = (1.0 / n + 2 * 0.5 / n / 0.01) + 2.0**-14
     assert float(s * bound) <= 1.0 < float(2 * s * bound)
     assert float(torch.log2(s)) == round(float(torch.log2(s)))
-    assert float(grad_scale(torch.zeros(1), g, None, tau, torch.float32, False, 0.0)) == 1.0  # fp32/bf16: no scale
+    assert float(grad_scale(torch.zeros(1), g, tau, torch.float32, False, 0.0)) == 1.0  # fp32/bf16: no scale
 
 
 def test_unsupported_dtype_is_a_clear_error():

@@ -1,10 +1,11 @@
 """The ``triton`` backend: the statistics of S = x yᵀ from one fused pass over its tiles, and a tile-recomputing
 backward; S is never stored (DESIGN §3, §6).
 
-    forward.py   the statistics kernel (online log-sum-exp, hinge, hardest negative, column merge) + launcher
-    backward.py  the gradient kernels (dx = dS·y, dy = dSᵀ·x) + launcher, closed forms for τ and margins
+    forward.py   one program per S tile → row and column partials (online log-sum-exp, hinge, hardest
+                 negative), a fixed-order merge kernel, the launcher over column panels
+    backward.py  the ∂L/∂S panel kernel + cuBLAS GEMMs for dx = dS·y and dy = dSᵀ·x, closed forms for τ and margins
     op.py        torch.library ops (fake implementations, autograd), tile configurations
-    _tiles.py    the shared S tile and DySTreSS τ;  _compat.py  an interpreter fix for NumPy ≥ 2.4
+    _tiles.py    the shared S tile, logits, DySTreSS τ, hardest negative;  _compat.py  an interpreter fix for NumPy ≥ 2.4
 
 Runs on CUDA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (the interpreter: slow, for tests). Importing this
 package imports neither triton nor torch.cuda state; the kernels load on the first ``compute_stats``. Triton decides

@@ -51,20 +51,16 @@ from .forward import dot_precision, dot_upcast, dystress_params, kernel_types, p
 
 
 @triton.jit
-def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, has_pos_tile,
-            T, st, TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
+def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
+            TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
             LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
             LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
             DYS,
             LSE_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, COLS: tl.constexpr,
             DYSTRESS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr):
-    """∂L/∂S on one tile (the formula in the module docstring), zero outside the matrix."""
+    """∂L/∂S on one tile (the formula in the module docstring), zero outside the matrix; ``t``: the rows' targets."""
     rv = h * N + rows  # row vectors are [H, N] contiguous, column vectors [H, M]
     cv = h * M + cols
-    if COLS:
-        t = rows
-    else:
-        t = tl.load(T + rows * st, mask=row_ok, other=0).to(tl.int64)
     rows32, cols32 = rows.to(tl.int32), cols.to(tl.int32)  # int32 compares: half the registers of int64
     is_pos = cols32[None, :] == t.to(tl.int32)[:, None]
     c_pos = tl.load(C_POS + rv, mask=row_ok, other=0.0)
@@ -145,8 +141,8 @@ def ds_kernel(
         t = tl.load(T + rows * st, mask=row_ok, other=0).to(tl.int64)
     c_lo = (cb0 + c) * BLOCK_M
     has_pos_tile = tile_has_positive(t, row_ok, r * BLOCK_N, c_lo, BLOCK_N, BLOCK_M, COLS)
-    ds = ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, has_pos_tile,
-                 T, st, TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
+    ds = ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
+                 TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
                  LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
                  LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
                  DYS,
@@ -250,7 +246,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
         torch.mm(a, b, out=out)
 
 
-def grad_scale(x, grads, saved, tau, cdt, dystress, tau_min):
+def grad_scale(x, grads, tau, cdt, dystress, tau_min):
     """A power of two s with |s·dS| ≤ 1 everywhere (fp16 only; 1 otherwise), as a 1-element device tensor (no
     host sync). |dS_ij| ≤ Σ of its coefficients' largest magnitudes, with p ≤ 1 and τ ≥ its smallest value."""
     one = torch.ones(1, dtype=cdt, device=x.device)
@@ -300,7 +296,7 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         coefficients = {"pos": c_pos, "hinge": g_hinge, "hinge_c": g_hinge_c, "hard": g_hard, "hard_c": g_hard_c}
         if lse:
             coefficients.update(lse=g_lse, lse_c=g_lse_c)
-        scale = grad_scale(x, coefficients, saved, tau, cdt, dystress, tau_min)
+        scale = grad_scale(x, coefficients, tau, cdt, dystress, tau_min)
         dummy = saved["pos"]  # any valid pointer for the arguments a configuration never reads
         dys = dystress_params(x, cdt, tau_min, tau_max) if dystress else dummy
         pick = lambda name, on: saved[name] if on else dummy  # noqa: E731

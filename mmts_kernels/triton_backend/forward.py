@@ -252,7 +252,8 @@ def dot_precision(x: torch.Tensor) -> str:
 
 
 def kernel_types(x: torch.Tensor):
-    """(statistics dtype, its triton type, FAST = base-2 logits) for the inputs' dtype."""
+    """(statistics dtype, its triton type, FAST) for the inputs' dtype; FAST (fp32): logits as S·(1/τ), the
+    positive's by IEEE division (``_tiles.logits``, ``exact_positive``); fp64 divides exactly everywhere."""
     if x.dtype == torch.float64:
         return torch.float64, tl.float64, False
     return torch.float32, tl.float32, True
