@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -28,8 +28,26 @@ Step = Union[float, torch.Tensor]
 SizeBound = Union[float, torch.Tensor]  # a number or a 0-dim tensor
 
 
-def cosine_temperature(step: Step, tau_min: float, tau_max: float, period: float) -> Union[float, torch.Tensor]:
-    """TS schedule: starts at τ_max, reaches τ_min at half a period, back to τ_max every ``period`` steps."""
+def cosine_temperature(
+    step: Step,
+    tau_min: float,
+    tau_max: float,
+    period: Optional[float] = None,
+    *,
+    half_period: Optional[float] = None,
+) -> Union[float, torch.Tensor]:
+    """TS schedule: starts at τ_max, reaches τ_min at half a period, back to τ_max every ``period`` steps.
+
+    Give exactly one of ``period`` (the full period T, as in DESIGN §5) or ``half_period`` (the official TS code's
+    ``t_max``: τ = τ_min + ½(τ_max − τ_min)(1 + cos(π·t/t_max)), so T = 2·t_max). The official TS setting, stepped
+    per epoch, is ``cosine_temperature(epoch, 0.1, 1.0, half_period=200)``.
+    """
+    if (period is None) == (half_period is None):
+        raise ValueError("cosine_temperature: give exactly one of period (the full period) and half_period (the "
+                         f"official TS code's t_max, half a period); got period={period}, half_period={half_period}")
+    if half_period is not None:
+        _check_period(half_period, "half_period")
+        period = 2 * half_period
     _check_period(period)
     if not 0 < tau_min <= tau_max:
         raise ValueError(f"need 0 < tau_min <= tau_max, got tau_min={tau_min}, tau_max={tau_max}")
@@ -142,9 +160,9 @@ def linear_warmup(step: Step, warmup_steps: float, start, end):
     return out
 
 
-def _check_period(period) -> None:
+def _check_period(period, name: str = "period") -> None:
     if isinstance(period, bool) or not isinstance(period, Real) or not math.isfinite(period) or period <= 0:
-        raise ValueError(f"period must be a finite number > 0, got {period!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {period!r}")
 
 
 def _check_step(step: Step) -> Step:

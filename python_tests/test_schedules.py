@@ -22,6 +22,31 @@ def test_cosine_temperature_at_period_boundaries():
     assert isinstance(cosine_temperature(3, 0.1, 1.0, 400), float)
 
 
+@given(st.integers(0, 1000), st.floats(1.0, 500.0))
+def test_cosine_temperature_half_period_is_the_official_ts_formula(epoch, t_max):
+    # Official TS code: tau = tau_min + 0.5 (tau_max - tau_min)(1 + cos(pi * epoch / t_max)), t_max half a period.
+    official = 0.1 + 0.5 * (1.0 - 0.1) * (1 + math.cos(math.pi * epoch / t_max))
+    assert cosine_temperature(epoch, 0.1, 1.0, half_period=t_max) == pytest.approx(official, abs=1e-12)
+    assert cosine_temperature(epoch, 0.1, 1.0, half_period=t_max) == cosine_temperature(epoch, 0.1, 1.0, 2 * t_max)
+
+
+def test_cosine_temperature_official_ts_setting():
+    # TS's setting: 0.1 -> 1.0, t_max = 200 epochs: tau_min at epoch 200, tau_max again at epoch 400.
+    assert cosine_temperature(200, 0.1, 1.0, half_period=200) == pytest.approx(0.1, abs=1e-15)
+    assert cosine_temperature(400, 0.1, 1.0, half_period=200) == pytest.approx(1.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(period=400, half_period=200)])
+def test_cosine_temperature_needs_exactly_one_period(kwargs):
+    with pytest.raises(ValueError, match="exactly one of period"):
+        cosine_temperature(0, 0.1, 1.0, **kwargs)
+
+
+def test_cosine_temperature_half_period_checked():
+    with pytest.raises(ValueError, match="half_period"):
+        cosine_temperature(0, 0.1, 1.0, half_period=0)
+
+
 def test_mmts_temperature_at_period_boundaries():
     sizes = torch.tensor([1, 11, 21])  # n_min = 1, n_max = 21: fractions 0, ½, 1
     EXTREMES = dict(n_min=1, n_max=21)
