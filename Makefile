@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install "triton==3.6.0"
 	$(PY) -m pip install -e ".[test,bench]"
+	$(PY) -m pip install --no-deps "open-clip-torch==3.3.0"  # tests load its loss.py (needs only torch); --no-deps skips torchvision, timm, ...
 	touch $@
 
 install: $(STAMP)

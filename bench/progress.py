@@ -1,4 +1,6 @@
-"""A progress bar: tqdm when it is installed, else a one-line bar on stderr (no extra dependency)."""
+"""A progress bar: tqdm when it is installed, else a one-line bar on stderr (no extra dependency).
+
+``bar.write(text)`` prints a line on stdout without tearing the bar (it is redrawn below the line)."""
 from __future__ import annotations
 
 import sys
@@ -22,7 +24,10 @@ class _StderrBar:
         self._draw()
 
     def write(self, text: str) -> None:
-        sys.stderr.write("\r\033[K" + text + "\n")
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
         self._draw()
 
     def close(self) -> None:
@@ -48,7 +53,27 @@ def progress(total: int, desc: str, enabled: bool = True):
         from tqdm.auto import tqdm
     except ImportError:
         return _StderrBar(total, desc)
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+    return _Tqdm(tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True))
+
+
+class _Tqdm:
+    """tqdm, with ``write`` going to stdout and flushed (tqdm's own goes through its lock, not always flushed)."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _Silent:
@@ -59,7 +84,8 @@ class _Silent:
         pass
 
     def write(self, text: str) -> None:
-        sys.stderr.write(text + "\n")
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
     def close(self) -> None:
         pass

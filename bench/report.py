@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import re
+import textwrap
 from collections import defaultdict
 from typing import Dict, List, Optional
 
@@ -75,6 +76,18 @@ def write_csv(rows: List[dict], path: str) -> None:
     with open(path, "x", newline="") as f:  # "x": never overwrite a result
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
+        for r in rows:
+            writer.writerow([_csv_value(r.get(k, math.nan)) for k in CSV_FIELDS])
+
+
+def start_csv(path: str) -> None:
+    """A new CSV with only the header ("x": never overwrite a result); ``append_csv`` adds rows as they come."""
+    write_csv([], path)
+
+
+def append_csv(rows: List[dict], path: str) -> None:
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
         for r in rows:
             writer.writerow([_csv_value(r.get(k, math.nan)) for k in CSV_FIELDS])
 
@@ -198,7 +211,7 @@ def fmt(v, spec: str, suffix: str = "") -> str:
     return format(v, spec) + suffix
 
 
-_COLUMNS = [  # (title, key, format, suffix)
+_COLUMNS = [  # the markdown table: (title, key, format, suffix)
     ("loss", "loss", "", ""), ("dtype", "dtype", "", ""), ("N", "N", "d", ""), ("D", "D", "d", ""),
     ("backend", "backend", "", ""), ("fwd ms", "fwd_ms", ".2f", ""), ("bwd ms", "bwd_ms", ".2f", ""),
     ("fwd+bwd ms", "full_ms", ".2f", ""), ("spread", "spread", ".0%", ""), ("TFLOP/s", "full_tflops", ".3f", ""),
@@ -213,18 +226,90 @@ def _table_cells(lines: List[dict]) -> List[List[str]]:
     return [[fmt(l[key], spec, suffix) for _, key, spec, suffix in _COLUMNS] for l in lines]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The terminal table: fixed columns, so that lines printed one at a time as cells finish line up, and at most
+# WIDTH characters. Loss, dtype and D head each group of lines; a line's notes go on the lines below it.
+
+WIDTH = 120
+_LINE = [  # (title, key, width, format, suffix); the backend is left-aligned, the rest right-aligned
+    ("N", "N", 6, "d", ""), ("backend", "backend", 16, "", ""), ("fwd ms", "fwd_ms", 8, "num", ""),
+    ("bwd ms", "bwd_ms", 8, "num", ""), ("f+b ms", "full_ms", 8, "num", ""), ("spread", "spread", 6, ".0%", ""),
+    ("TFLOP/s", "full_tflops", 7, ".3f", ""), ("%GEMM", "of_gemm", 5, ".0%", ""),
+    ("peak MiB", "full_mib", 8, "num", ""), ("×torch", "speedup", 7, "ratio", "×"),
+    ("mem÷torch", "mem_ratio", 9, "ratio", "×"), ("×oc_comp", "vs_rival", 8, "ratio", "×"),
+]
+LEGEND = textwrap.fill(
+    "×torch, ×oc_comp: the fwd+bwd time of torch (the eager reference) and of openclip_compile over this one's "
+    "(higher is faster); mem÷torch: this fwd+bwd peak memory over torch's (lower is leaner); %GEMM: the fwd+bwd "
+    "TFLOP/s as a fraction of the bare GEMM's; spread: the widest interquartile range of a pass's repeats over "
+    "its median.", WIDTH)
+
+
+def _cell(value, spec: str, suffix: str) -> str:
+    if spec == "num":  # at least 3 significant digits in 8 characters, from 0.001 to 10⁸ (ms: past a day)
+        spec = ".3f" if abs(value) < 10 else ".1f" if abs(value) < 1e5 else ".0f"
+    elif spec == "ratio":  # 7 characters up to 10⁶ (a ratio beyond that reads as an exponent)
+        spec = ".2f" if abs(value) < 1e3 else ".0f" if abs(value) < 1e6 else ".1e"
+    return fmt(value, spec, suffix)
+
+
+def table_header() -> str:
+    return " ".join(t.ljust(w) if key == "backend" else t.rjust(w) for t, key, w, *_ in _LINE).rstrip()
+
+
+def group_title(loss: str, dtype: str, D: int) -> str:
+    return f"── {loss}, {dtype}, D = {D} " + "─" * 40
+
+
+def format_line(line: dict) -> List[str]:
+    """One table line (and its notes, wrapped, on the lines below it), each at most WIDTH characters."""
+    cells = [_cell(line.get(key, math.nan), spec, suffix) for _, key, _, spec, suffix in _LINE]
+    text = " ".join(c.ljust(w) if key == "backend" else c.rjust(w)
+                    for c, (_, key, w, *_) in zip(cells, _LINE)).rstrip()
+    out = [text[:WIDTH]]
+    if line.get("note"):
+        out += textwrap.wrap(line["note"], WIDTH, initial_indent=" " * 8 + "note: ", subsequent_indent=" " * 14)
+    return out
+
+
+def table_lines(rows: List[dict]) -> List[dict]:
+    """The summary lines of ``rows`` in table order, each (loss, dtype, N, D) led by the GEMM rate of its
+    (dtype, N, D) as a "gemm" line; GEMM rates with no loss line yet come last, in a group of loss "gemm"."""
+    gemm = {(g["dtype"], g["N"], g["D"]): _gemm_line(g) for g in gemm_lines(rows)}
+    out, placed = [], set()
+    for line in summary(rows):
+        key = (line["dtype"], line["N"], line["D"])
+        if key in gemm and (line["loss"],) + key not in placed:
+            placed.add((line["loss"],) + key)
+            out.append(dict(gemm[key], loss=line["loss"]))
+        out.append(line)
+    used = {k[1:] for k in placed}
+    return out + [g for key, g in gemm.items() if key not in used]
+
+
+def _gemm_line(g: dict) -> dict:
+    return dict(loss=GEMM, dtype=g["dtype"], N=g["N"], D=g["D"], backend=GEMM, fwd_ms=g["ms"], spread=g["spread"],
+                full_tflops=g["tflops"], full_mib=g["mib"], note=g["note"])
+
+
+def cell_lines(rows: List[dict], backend: str, loss: str, dtype: str, N: int, D: int) -> List[str]:
+    """The printed lines of one cell (a backend's, or the GEMM rate's) with the ratios ``rows`` allow so far."""
+    if backend == GEMM:
+        lines = [_gemm_line(g) for g in gemm_lines(rows) if (g["dtype"], g["N"], g["D"]) == (dtype, N, D)]
+    else:
+        lines = [l for l in summary(rows) if (l["backend"], l["loss"], l["dtype"], l["N"], l["D"]) ==
+                 (backend, loss, dtype, N, D)]
+    return [text for line in lines for text in format_line(line)]
+
+
 def format_table(rows: List[dict]) -> str:
-    """Plain-text table for stdout: the loss lines, then the GEMM rate."""
-    header = [t for t, *_ in _COLUMNS]
-    body = _table_cells(summary(rows))
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths)).rstrip()]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in body]
-    g = gemm_lines(rows)
-    if g:
-        out += ["", "GEMM rate (one bare N×D·D×N matmul, its N×N output written to memory):"]
-        out += [f"  {l['dtype']:>9} N={l['N']:<6d} D={l['D']:<5d} {fmt(l['ms'], '.2f')} ms  "
-                f"{fmt(l['tflops'], '.3f')} TFLOP/s  {l['note']}".rstrip() for l in g]
+    """Plain-text table for stdout, at most WIDTH characters wide: the lines in groups, with the GEMM rate."""
+    out, group = [table_header()], None
+    for line in table_lines(rows):
+        if (line["loss"], line["dtype"], line["D"]) != group:
+            group = (line["loss"], line["dtype"], line["D"])
+            out.append(group_title(*group))
+        out += format_line(line)
     return "\n".join(out)
 
 
@@ -232,11 +317,13 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
     """The markdown summary: how the run was made, then the table and the GEMM rate."""
     out = [f"# Benchmark: {meta.get('device', '?')}, {meta.get('date', '?')}", ""]
     out += [f"- **{k}**: {v}" for k, v in meta.items()]
-    out += ["", "Times are medians after warm-up (GPU: `triton.testing.do_bench`; CPU: repeat-and-median); peak "
+    out += ["", "Times are medians after warm-up (GPU: `triton.testing.do_bench`; CPU: repeat-and-median, each "
+            "repeat one forward and its backward, at least 3 repeats, more while cheap or spread out); peak "
             "memory is the op's growth over its inputs (GPU: `torch.cuda.max_memory_allocated`; CPU: RSS high-water "
-            "mark growth in a fresh process per cell). TFLOP/s count 8·N·M·D per forward+backward (2 forward, "
-            "6 backward). \"vs torch\": the eager torch reference's fwd+bwd time divided by this backend's (higher is "
-            "faster), and this backend's fwd+bwd peak memory divided by the reference's (lower is leaner); "
+            "mark growth, measured in a worker process in which glibc gives every buffer of 256 KiB or more its own "
+            "mapping, so that memory freed before the op is not reused unseen). TFLOP/s count 8·N·M·D per "
+            "forward+backward (2 forward, 6 backward). \"vs torch\": the eager torch reference's fwd+bwd time "
+            "divided by this backend's (higher is faster), and this backend's fwd+bwd peak memory divided by the reference's (lower is leaner); "
             f"\"vs {RIVAL}\" likewise against the open_clip-style loss under torch.compile. "
             "\"of GEMM\": the fwd+bwd rate as a fraction of one bare N×D·D×N GEMM's rate. \"spread\": the "
             "widest interquartile range of a pass's timed repeats, as a fraction of its median; cells over "

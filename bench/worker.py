@@ -1,56 +1,82 @@
-"""Benchmark cells, measured in a worker process.
+"""Benchmark cells, measured in a worker process that serves many cells.
 
-    python -m bench.worker '<json spec>'      one cell (the CPU path: a fresh process per cell and measurement)
-    python -m bench.worker --batch < specs    a JSON list of cells in one process (the GPU path)
+    python -m bench.worker        reads one JSON cell spec per line on stdin, answers each with one line
 
-A cell is one (backend, loss, dtype, N, D) — or one bare GEMM (backend "gemm"). The worker builds the inputs,
-warms up (this is where torch.compile compiles and Triton JIT-compiles), measures the peak memory of each pass
-(``spec["measure"]`` "memory"), its time ("time"), or both ("both"), and prints
+On start the worker prints ``BENCH-READY <pid>`` (torch and the library imported); for each cell it prints
+``BENCH-CELL <json>``, the JSON being
 
     {"rows": [{"pass": "forward", "ms": 1.23, "ms_q1": 1.2, "ms_q3": 1.3, "repeats": 80, "mem": 4194304,
-               "note": ""}, ...], "note": ""}
+               "note": ""}, ...], "note": "", "pid": 1234}
 
-one cell per line: the last line of stdout for one cell; ``BENCH-CELL <index> <json>`` lines in batch mode, each
-printed as soon as its cell is done. ``ms`` / ``mem`` are null when a pass could not run (out of memory, compile
-failure, …); the note says why.
+``ms`` / ``mem`` are null when a pass could not run (out of memory, compile failure, …); the note says why.
+A cell is one (backend, loss, dtype, N, D), or one bare GEMM (backend "gemm"); ``spec["measure"]`` is "memory",
+"time" or "both". The worker builds the inputs, warms up (this is where torch.compile compiles, once per cell and
+shape, and Triton JIT-compiles), then measures; between cells it drops torch.compile's graphs and CUDA's cache.
 
-Why two modes: CPU peak memory is the process's resident-set growth, which only a fresh process per measurement
-reads cleanly (``bench.timing``). On CUDA the caching allocator's counters measure each op exactly in any process,
-so one process serves all cells of a (dtype, backend): torch is imported and CUDA initialized once per group instead
-of once per cell. Within a batch an OOM is caught and the cache emptied; the rules of ``SkipRules`` apply.
+``python -m bench`` keeps one worker per backend for the times and, on the CPU, one more for all peak memories,
+started with ``bench.timing.MALLOC_ENV`` (why: ``bench.timing``). On CUDA the caching allocator's counters measure
+each op exactly in any process, so the backend's worker measures both.
 
 Backends: the library's (``torch``, ``cpp``, ``triton``), ``torch_compile`` (the reference under torch.compile) and
-the competitors of ``bench.competitors`` (``openclip``, ``openclip_compile``, ``inf_cl``).
-
-The workload: symmetric losses on L2-normalized rows with per-sample values, as MM-TS uses them —
-τ_i ∈ [0.05, 0.15] for InfoNCE, m_i ∈ [0.1, 0.3] for max-margin.
+the competitors of ``bench.competitors`` (``openclip``, ``openclip_compile``, ``inf_cl``). Losses: ``LOSSES``.
 """
 from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import traceback
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 import mmts_kernels as mk
 
 from . import competitors
-from .timing import MemoryProbeUnavailable, PeakMemory, Timing, measure_ms
+from .timing import (MemoryProbeUnavailable, PeakMemory, Timing, forward_backward_peaks, measure_adaptive_ms,
+                     measure_ms, time_forward_backward)
 
 PASSES = ("forward", "backward", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 COMPILED = ("torch_compile", "openclip_compile")
-CELL_PREFIX = "BENCH-CELL"
+READY_PREFIX, CELL_PREFIX = "BENCH-READY", "BENCH-CELL"
+CUDA_EVENT_REPEATS = 5  # CUDA without triton's do_bench (which picks its own count): CUDA events over this many
+
+
+@dataclass(frozen=True)
+class BenchLoss:
+    """One loss of the benchmark: how the library computes it and how users write it in plain PyTorch.
+
+    library(x, y, per_sample, backend) and plain(x, y, per_sample) return the scalar loss of x, y [N, D] (row i's
+    positive is row i of the other side); per_sample is an [N] tensor drawn uniformly from ``per_sample``. ``plain``
+    is what the ``openclip`` and ``openclip_compile`` rows run (eager and under torch.compile). ``summary`` says
+    what is measured, in the results file."""
+
+    library: Callable[..., torch.Tensor]
+    plain: Callable[..., torch.Tensor]
+    per_sample: Tuple[float, float]
+    summary: str
+
+
+# The losses `python -m bench --losses` offers; a new row of the table is one more entry here.
+LOSSES: Dict[str, BenchLoss] = {
+    "infonce": BenchLoss(lambda x, y, tau, backend: mk.info_nce(x, y, tau, backend=backend),
+                         competitors.openclip_infonce, (0.05, 0.15),
+                         "symmetric InfoNCE, per-sample τ_i ∈ [0.05, 0.15]"),
+    "max_margin": BenchLoss(lambda x, y, m, backend: mk.max_margin(x, y, m, backend=backend),
+                            competitors.openclip_max_margin, (0.1, 0.3),
+                            "symmetric max-margin over all negatives, per-sample m_i ∈ [0.1, 0.3]"),
+}
 
 
 def make_inputs(N: int, D: int, dtype: torch.dtype, device: torch.device, loss: str):
+    """L2-normalized x, y [N, D] and the per-sample values of ``loss``, the same for every backend (seed 0)."""
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(device, dtype).requires_grad_()
     y = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(device, dtype).requires_grad_()
-    lo, hi = (0.05, 0.15) if loss == "infonce" else (0.1, 0.3)
+    lo, hi = LOSSES[loss].per_sample
     per_sample = (lo + (hi - lo) * torch.rand(N, generator=g)).to(device)
     return x, y, per_sample
 
@@ -58,17 +84,18 @@ def make_inputs(N: int, D: int, dtype: torch.dtype, device: torch.device, loss: 
 def loss_function(backend: str, loss: str):
     """``f(x, y, per_sample) -> scalar loss`` for a library backend, the reference under torch.compile, or a
     competitor."""
-    if backend in competitors.COMPETITORS:
+    case = LOSSES[loss]
+    if backend == "inf_cl":
         return competitors.loss_function(backend, loss)
-    lib_backend = "torch" if backend == "torch_compile" else backend
+    if backend in ("openclip", "openclip_compile"):
+        f = case.plain
+    else:
+        lib_backend = "torch" if backend == "torch_compile" else backend
 
-    def f(x, y, per_sample):
-        per_sample_kw = {"temperature" if loss == "infonce" else "margin": per_sample}
-        return mk.contrastive_loss(x, y, loss=loss, backend=lib_backend, **per_sample_kw)
+        def f(x, y, per_sample):
+            return case.library(x, y, per_sample, lib_backend)
 
-    if backend == "torch_compile":
-        return torch.compile(f, dynamic=False)
-    return f
+    return torch.compile(f, dynamic=False) if backend in COMPILED else f
 
 
 def describe(exc: BaseException) -> str:
@@ -92,23 +119,21 @@ def measure_loss(spec: dict) -> dict:
     device = torch.device(spec["device"])
     x, y, per_sample = make_inputs(spec["N"], spec["D"], DTYPES[spec["dtype"]], device, spec["loss"])
     f = loss_function(spec["backend"], spec["loss"])
-    return measure_passes(lambda: f(x, y, per_sample), (x, y), device, spec["repeats"],
+    return measure_passes(lambda: f(x, y, per_sample), (x, y), device, spec.get("repeats"),
                           spec.get("measure", "both"), debug=spec.get("debug", False))
 
 
-def measure_passes(forward, leaves, device: torch.device, repeats: int, measure: str = "both",
+def measure_passes(forward, leaves, device: torch.device, repeats: Optional[int], measure: str = "both",
                    debug: bool = False) -> dict:
     """Forward, backward and forward+backward of ``forward()`` (a scalar loss of the ``leaves``): peak memory,
-    time, or both, as the worker's result dict. The first call warms up (compilation, JIT, thread pools)."""
-    def full():
-        forward().backward()
-
+    time, or both, as the worker's result dict. The first call warms up (compilation, JIT, thread pools).
+    ``repeats``: timed repeats (CUDA: ``do_bench`` chooses); None on the CPU: as many as the spread needs."""
     def clear():
         for t in leaves:
             t.grad = None
 
     try:
-        full()
+        forward().backward()
         clear()
     except Exception as exc:  # noqa: BLE001 — any failure becomes a note in the table, not a crash of the sweep
         if debug:
@@ -117,41 +142,38 @@ def measure_passes(forward, leaves, device: torch.device, repeats: int, measure:
 
     rows, note = {p: _empty_row(p) for p in PASSES}, ""
     if measure in ("memory", "both"):
-        note = _memory_loss(rows, forward, full, clear, device)
+        try:
+            for p, nbytes in forward_backward_peaks(forward, device).items():
+                rows[p]["mem"] = nbytes
+        except MemoryProbeUnavailable as exc:
+            note = f"no memory measurement: {exc}"
+        except Exception as exc:  # noqa: BLE001
+            note = f"memory: {describe(exc)}"
+        clear()
     if measure in ("time", "both"):
-        _time_loss(rows, forward, full, clear, device, repeats, leaves)
+        _time_loss(rows, forward, clear, device, repeats, leaves)
     return {"rows": list(rows.values()), "note": note}
 
 
-def _memory_loss(rows, forward, full, clear, device) -> str:
-    try:
-        with PeakMemory(device) as m:
-            out = forward()
-        rows["forward"]["mem"] = m.bytes
-        del out
-        out = forward()
-        with PeakMemory(device) as m:
-            out.backward()
-        rows["backward"]["mem"] = m.bytes
-        del out
+def _time_loss(rows, forward, clear, device, repeats, leaves) -> None:
+    if device.type != "cuda":  # one loop times all three passes
+        try:
+            for p, t in time_forward_backward(forward, leaves, repeats=repeats).items():
+                _put_timing(rows[p], t)
+        except Exception as exc:  # noqa: BLE001
+            for p in PASSES:
+                rows[p]["note"] = describe(exc)
         clear()
-        with PeakMemory(device) as m:
-            full()
-        rows["full"]["mem"] = m.bytes
-        clear()
-    except MemoryProbeUnavailable as exc:
-        return f"no memory measurement: {exc}"
-    except Exception as exc:  # noqa: BLE001
-        clear()
-        return f"memory: {describe(exc)}"
-    return ""
+        return
 
+    def full():
+        forward().backward()
 
-def _time_loss(rows, forward, full, clear, device, repeats, leaves) -> None:
+    n = repeats or CUDA_EVENT_REPEATS
     timers = {
-        "forward": lambda: measure_ms(forward, device, repeats=repeats, warmup=0, grad_to_none=leaves),
-        "full": lambda: measure_ms(full, device, repeats=repeats, warmup=0, grad_to_none=leaves),
-        "backward": lambda: _time_backward(forward, device, repeats, leaves),
+        "forward": lambda: measure_ms(forward, device, repeats=n, warmup=0, grad_to_none=leaves),
+        "full": lambda: measure_ms(full, device, repeats=n, warmup=0, grad_to_none=leaves),
+        "backward": lambda: _time_backward_cuda(forward, device, n, leaves),
     }
     for p in PASSES:
         try:
@@ -161,15 +183,14 @@ def _time_loss(rows, forward, full, clear, device, repeats, leaves) -> None:
         clear()
 
 
-def _time_backward(forward, device: torch.device, repeats: int, leaves) -> Timing:
-    """Backward alone: on GPU ``do_bench`` over ``backward(retain_graph=True)`` of one forward (as Liger does);
-    on CPU a fresh untimed forward before every timed backward."""
-    if device.type == "cuda":
-        out = forward()
-        try:
-            return measure_ms(lambda: out.backward(retain_graph=True), device, repeats=repeats, grad_to_none=leaves)
-        except RuntimeError:  # a backend whose backward frees what it saved: time it after a fresh forward
-            del out
+def _time_backward_cuda(forward, device: torch.device, repeats: int, leaves) -> Timing:
+    """Backward alone: ``do_bench`` over ``backward(retain_graph=True)`` of one forward (as Liger does); after a
+    fresh untimed forward per repeat when the backend's backward frees what it saved."""
+    out = forward()
+    try:
+        return measure_ms(lambda: out.backward(retain_graph=True), device, repeats=repeats, grad_to_none=leaves)
+    except RuntimeError:
+        del out
     return measure_ms(lambda out: out.backward(), device, repeats=repeats, warmup=0, setup=forward,
                       grad_to_none=leaves)
 
@@ -194,7 +215,12 @@ def measure_gemm(spec: dict) -> dict:
             except MemoryProbeUnavailable as exc:
                 row["note"] = f"no memory measurement: {exc}"
         if measure in ("time", "both"):
-            _put_timing(row, measure_ms(lambda: torch.matmul(a, b.T), device, repeats=spec["repeats"]))
+            repeats = spec.get("repeats")
+            if repeats is None and device.type != "cuda":
+                timing = measure_adaptive_ms(lambda: torch.matmul(a, b.T))
+            else:
+                timing = measure_ms(lambda: torch.matmul(a, b.T), device, repeats=repeats or CUDA_EVENT_REPEATS)
+            _put_timing(row, timing)
     except Exception as exc:  # noqa: BLE001
         row["note"] = describe(exc)
     return {"rows": [row], "note": ""}
@@ -226,18 +252,25 @@ class SkipRules:
             self.broken.setdefault(bkey, f"{result['note']} (at N={spec['N']})")
 
 
-def run_batch(specs) -> None:
-    """Measure ``specs`` in this process, one ``BENCH-CELL`` line per cell as each finishes."""
-    rules = SkipRules()
-    for index, spec in enumerate(specs):
-        note = rules.note_for(spec)
+def serve(lines, out=sys.stdout) -> None:
+    """Measure each cell spec of ``lines`` (JSON, one per line) in this process, answering each with one line."""
+    out.write(f"{READY_PREFIX} {os.getpid()}\n")
+    out.flush()
+    threads_set = False
+    for line in lines:
+        if not line.strip():
+            continue
+        spec = json.loads(line)
+        if spec.get("threads") and not threads_set:
+            torch.set_num_threads(int(spec["threads"]))
+            threads_set = True
         try:
-            result = {"rows": [], "note": note} if note else measure_cell(spec)
+            result = measure_cell(spec)
         except Exception as exc:  # noqa: BLE001 — e.g. inputs that do not fit: the next cells still run here
             result = {"rows": [], "note": describe(exc)}
-        rules.record(spec, result)
-        sys.stdout.write(f"{CELL_PREFIX} {index} {json.dumps(result)}\n")
-        sys.stdout.flush()
+        result["pid"] = os.getpid()
+        out.write(f"\n{CELL_PREFIX} {json.dumps(result)}\n")  # on a line of its own, whatever was printed before
+        out.flush()
         if spec["backend"] in COMPILED:  # one compiled graph per shape: do not let the cache hit dynamo's limit
             torch._dynamo.reset()
         gc.collect()
@@ -245,19 +278,5 @@ def run_batch(specs) -> None:
             torch.cuda.empty_cache()
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    batch = argv[:1] == ["--batch"]
-    specs = json.loads(sys.stdin.read()) if batch else [json.loads(argv[0])]
-    if specs and specs[0].get("threads"):
-        torch.set_num_threads(int(specs[0]["threads"]))
-    if batch:
-        run_batch(specs)
-        return
-    result = measure_cell(specs[0])
-    sys.stdout.write("\n" + json.dumps(result) + "\n")
-    sys.stdout.flush()
-
-
 if __name__ == "__main__":
-    main()
+    serve(sys.stdin)

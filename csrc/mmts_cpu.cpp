@@ -22,6 +22,9 @@
 //   - backward, deterministic=True: dx in a pass parallel over row blocks, dy in a second pass parallel over
 //     column blocks (S is recomputed once more), each block's sum in a fixed order: bitwise identical for any
 //     thread count, no O(threads·M·D) buffer.
+//   - NT-Xent (row direction, cols=False): ``self_cols`` gives each row a column to leave out of every statistic
+//     (the anchor itself), ``decoupled`` leaves its positive out of the lse (DCL), ``dys_grad`` lets DySTreSS's
+//     gradient flow through τ(S); all three are template switches of the tile kernels, masked inside the tiles.
 //   - hard/arg touch one element per row: O(N·D) loops outside the tiles. The pos and −cnt·g^hinge terms too
 //     when no tile pass runs; otherwise they are added to dS_{i,t_i} in the tile (one element per row), where
 //     they cancel against p_{i,t_i}/τ_i exactly as in the reference.
@@ -106,13 +109,19 @@ struct Opts {
   bool lse, hinge, hard, ws, cols, dys, deterministic;
   double tau_min, tau_max;
   int64_t BR, BC;
+  bool decoupled = false;  // the positive leaves row i's lse (DCL)
+  bool dgrad = false;      // DySTreSS with the gradient through τ(S) (detach=False)
+  bool has_self = false;   // self_cols given: row i leaves out column self_i (NT-Xent)
+  bool gram = false;       // NT-Xent's S = Z Zᵀ: one triangle of tiles serves rows and columns (see gram_layout)
+  bool mask() const { return has_self || decoupled; }
 };
 
 // A contiguous [br, bc] view of a flat per-thread buffer (at::mm_out writes into it without copies).
 Tensor tile_view(const Tensor& buf, int64_t br, int64_t bc) { return buf.narrow(0, 0, br * bc).view({br, bc}); }
 
 template <typename T>
-void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg, const int64_t* tgt, const Opts& o,
+void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg, const int64_t* tgt,
+                  const int64_t* self, const Opts& o,
                   T* pos, T* lse, T* ws, T* hinge, int64_t* cnt, T* hard, int64_t* arg,
                   T* lse_c, T* ws_c, T* hinge_c, int64_t* cnt_c, T* hard_c, int64_t* arg_c) {
   const int64_t N = X.size(0), M = Y.size(0), D = X.size(1);
@@ -149,9 +158,16 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
 
   const int64_t nrb = cdiv(N, o.BR), ncb = cdiv(M, o.BC);
   const int64_t G = std::min(nrb, kMaxChunks);
+  // Gram mode: row block rb visits column blocks cb ≤ rb; an off-diagonal tile's column pass is the row statistics
+  // of rows cb over columns rb (S_ji = S_ij, τ_j), kept in the column accumulators and merged into the rows at the
+  // end. Chunks then hold about equal triangle areas: row block boundaries at nrb·sqrt(g/G).
+  auto chunk_begin = [&](int64_t g) -> int64_t {
+    if (!o.gram || g >= G) return g * nrb / G;
+    return std::min<int64_t>(nrb, std::llround(double(nrb) * std::sqrt(double(g) / double(G))));
+  };
   // Column accumulators, one set per chunk: [G, M] each (only those requested).
   Tensor cmax, csum, cws, chg, ccnt, chd, carg;
-  if (o.cols) {
+  if (o.cols || o.gram) {
     if (o.lse) {
       cmax = at::full({G, M}, ninf, opt);
       csum = at::zeros({G, M}, opt);
@@ -174,7 +190,7 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
     Tensor zbuf = o.dys ? at::empty({o.BR * o.BC}, opt) : Tensor();
     std::vector<T> tile_cmax(o.BC);
     for (int64_t g = gb; g < ge; ++g) {
-      const int64_t rb_begin = g * nrb / G, rb_end = (g + 1) * nrb / G;
+      const int64_t rb_begin = chunk_begin(g), rb_end = chunk_begin(g + 1);
       auto col = [&](const Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() + g * M : nullptr; };
       T *cm = col(cmax), *cs = col(csum), *cw = col(cws), *ch = col(chg), *chdp = col(chd);
       int32_t* cc = ccnt.defined() ? ccnt.data_ptr<int32_t>() + g * M : nullptr;
@@ -182,8 +198,9 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
       for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
         const int64_t r0 = rb * o.BR, br = std::min(o.BR, N - r0);
         const Tensor xb = X.narrow(0, r0, br);
-        for (int64_t cb = 0; cb < ncb; ++cb) {
+        for (int64_t cb = 0; cb < (o.gram ? rb + 1 : ncb); ++cb) {
           const int64_t c0 = cb * o.BC, bc = std::min(o.BC, M - c0);
+          const bool tile_cols = o.cols || (o.gram && cb < rb);  // the diagonal tile holds both triangles
           Tensor St = tile_view(buf, br, bc);
           at::mm_out(St, xb, Y.narrow(0, c0, bc).t());
           const T* S = St.const_data_ptr<T>();
@@ -195,34 +212,70 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
               const int64_t t = tgt[r0 + i] - c0;
               if (t >= 0 && t < bc) pos[r0 + i] = S[i * bc + t];
             }
+          if (o.gram && tile_cols)  // row j's positive seen from the transposed side (its only tile)
+            for (int64_t j = 0; j < bc; ++j) {
+              const int64_t t = tgt[c0 + j] - r0;
+              if (t >= 0 && t < br) pos[c0 + j] = S[t * bc + j];
+            }
           if (o.lse) {
             T* Z = o.dys ? zbuf.data_ptr<T>() : nullptr;
-#define MMTS_FWD_LSE(C, DY, W) \
-  KCALL(T, fwd_lse, (T, C, DY, W), S, bc, br, bc, r0, c0, rmaxp, rsump, ws, tau, cm, cs, cw, tile_cmax.data(), Z, tmin, half)
-            if (o.cols) {
-              if (o.dys) MMTS_FWD_LSE(true, true, false);
-              else if (o.ws) MMTS_FWD_LSE(true, false, true);
-              else MMTS_FWD_LSE(true, false, false);
+            const int64_t* ex2 = o.decoupled ? tgt : nullptr;
+#define MMTS_FWD_LSE(C, DY, W, MK)                                                                              \
+  KCALL(T, fwd_lse, (T, C, DY, W, MK), S, bc, br, bc, r0, c0, rmaxp, rsump, ws, tau, cm, cs, cw, tile_cmax.data(), \
+        Z, tmin, half, self, ex2)
+            if (tile_cols && o.mask()) {  // Gram mode only: a symmetric mask
+              if (o.dys) MMTS_FWD_LSE(true, true, false, true);
+              else if (o.ws) MMTS_FWD_LSE(true, false, true, true);
+              else MMTS_FWD_LSE(true, false, false, true);
+            } else if (tile_cols) {
+              if (o.dys) MMTS_FWD_LSE(true, true, false, false);
+              else if (o.ws) MMTS_FWD_LSE(true, false, true, false);
+              else MMTS_FWD_LSE(true, false, false, false);
+            } else if (o.mask()) {
+              if (o.dys) MMTS_FWD_LSE(false, true, false, true);
+              else if (o.ws) MMTS_FWD_LSE(false, false, true, true);
+              else MMTS_FWD_LSE(false, false, false, true);
             } else {
-              if (o.dys) MMTS_FWD_LSE(false, true, false);
-              else if (o.ws) MMTS_FWD_LSE(false, false, true);
-              else MMTS_FWD_LSE(false, false, false);
+              if (o.dys) MMTS_FWD_LSE(false, true, false, false);
+              else if (o.ws) MMTS_FWD_LSE(false, false, true, false);
+              else MMTS_FWD_LSE(false, false, false, false);
             }
 #undef MMTS_FWD_LSE
           }
           if (o.hinge) {
-            if (o.cols) KCALL(T, fwd_hinge, (T, true), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc);
-            else KCALL(T, fwd_hinge, (T, false), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc);
+            if (o.cols) KCALL(T, fwd_hinge, (T, true), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc, self);
+            else KCALL(T, fwd_hinge, (T, false), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc, self);
           }
           if (o.hard) {
-            if (o.cols) KCALL(T, fwd_hard, (T, true), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca);
-            else KCALL(T, fwd_hard, (T, false), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca);
+            if (o.cols) KCALL(T, fwd_hard, (T, true), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca, self);
+            else KCALL(T, fwd_hard, (T, false), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca, self);
           }
         }
       }
     }
   });
 
+  if (o.gram)  // fold each chunk's transposed contributions into the row state, in chunk order
+    at::parallel_for(0, N, 1024, [&](int64_t jb, int64_t je) {
+      const T* cm = cmax.const_data_ptr<T>();
+      const T* cs = csum.const_data_ptr<T>();
+      const T* cw = o.ws ? cws.const_data_ptr<T>() : nullptr;
+      for (int64_t j = jb; j < je; ++j) {
+        T m = rmaxp[j];
+        for (int64_t g = 0; g < G; ++g) m = base::vmax(m, cm[g * M + j]);
+        const T fr = rmaxp[j] == m ? T(1) : std::exp(rmaxp[j] - m);
+        T l = rsump[j] * fr, w = o.ws ? ws[j] * fr : T(0);
+        for (int64_t g = 0; g < G; ++g) {
+          const T mg = cm[g * M + j];
+          const T f = mg == m ? T(1) : std::exp(mg - m);
+          l += cs[g * M + j] * f;
+          if (o.ws) w += cw[g * M + j] * f;
+        }
+        rmaxp[j] = m;
+        rsump[j] = l;
+        if (o.ws) ws[j] = w;
+      }
+    });
   if (o.lse) {
     for (int64_t i = 0; i < N; ++i) {
       if (o.ws) ws[i] /= rsump[i];
@@ -287,29 +340,45 @@ struct BwdHead {
   const T *grow = nullptr, *lse = nullptr, *tau = nullptr, *gcol = nullptr, *lse_c = nullptr;
   const T *marg = nullptr, *pos = nullptr, *gh = nullptr, *ghc = nullptr, *gpos = nullptr;
   const int64_t* tgt = nullptr;
+  const int64_t* self = nullptr;  // excluded column of each row (nullptr: none)
   bool lse_on = false, hinge_on = false;
 };
 
+// ``gram_cols``: an off-diagonal tile of the Gram mode, whose column terms are row j's (h.gcol = h.grow, h.lse_c =
+// h.lse), so dS here is E = dS_ij + dS_ji, with row j's positive gradient at (t_j, j).
 template <typename T>
-void dS_tile(const T* S, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, const BwdHead<T>& h, const Opts& o) {
+void dS_tile(const T* S, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, const BwdHead<T>& h, const Opts& o,
+             bool gram_cols = false) {
   const T tmin = T(o.tau_min), half = T(0.5 * (o.tau_max - o.tau_min));
   bool acc = false;
   if (h.lse_on) {
-#define MMTS_BWD_LSE(C, DY) \
-  KCALL(T, bwd_lse, (T, C, DY, false), S, bc, br, bc, r0, c0, dS, h.grow, h.lse, h.tau, h.gcol, h.lse_c, tmin, half)
-    if (o.cols) {
-      if (o.dys) MMTS_BWD_LSE(true, true);
-      else MMTS_BWD_LSE(true, false);
+    const int64_t* ex2 = o.decoupled ? h.tgt : nullptr;
+#define MMTS_BWD_LSE(C, DY, MK, DG)                                                                    \
+  KCALL(T, bwd_lse, (T, C, DY, false, MK, DG), S, bc, br, bc, r0, c0, dS, h.grow, h.lse, h.tau, h.gcol, \
+        h.lse_c, tmin, half, h.self, ex2)
+    if (gram_cols && o.mask()) {  // a symmetric mask
+      if (o.dys && o.dgrad) MMTS_BWD_LSE(true, true, true, true);
+      else if (o.dys) MMTS_BWD_LSE(true, true, true, false);
+      else MMTS_BWD_LSE(true, false, true, false);
+    } else if (o.cols || gram_cols) {
+      if (o.dys && o.dgrad) MMTS_BWD_LSE(true, true, false, true);
+      else if (o.dys) MMTS_BWD_LSE(true, true, false, false);
+      else MMTS_BWD_LSE(true, false, false, false);
+    } else if (o.mask()) {
+      if (o.dys && o.dgrad) MMTS_BWD_LSE(false, true, true, true);
+      else if (o.dys) MMTS_BWD_LSE(false, true, true, false);
+      else MMTS_BWD_LSE(false, false, true, false);
     } else {
-      if (o.dys) MMTS_BWD_LSE(false, true);
-      else MMTS_BWD_LSE(false, false);
+      if (o.dys && o.dgrad) MMTS_BWD_LSE(false, true, false, true);
+      else if (o.dys) MMTS_BWD_LSE(false, true, false, false);
+      else MMTS_BWD_LSE(false, false, false, false);
     }
 #undef MMTS_BWD_LSE
     acc = true;
   }
   if (h.hinge_on) {
 #define MMTS_BWD_HINGE(C, A) \
-  KCALL(T, bwd_hinge, (T, C, A), S, bc, br, bc, r0, c0, dS, h.tgt, h.marg, h.pos, h.gh, h.ghc)
+  KCALL(T, bwd_hinge, (T, C, A), S, bc, br, bc, r0, c0, dS, h.tgt, h.marg, h.pos, h.gh, h.ghc, h.self)
     if (o.cols) {
       if (acc) MMTS_BWD_HINGE(true, true);
       else MMTS_BWD_HINGE(true, false);
@@ -325,6 +394,11 @@ void dS_tile(const T* S, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, 
     const int64_t tl = h.tgt[r0 + i] - c0;
     if (tl >= 0 && tl < bc) dS[i * bc + tl] += h.gpos[r0 + i];
   }
+  if (gram_cols)
+    for (int64_t j = 0; j < bc; ++j) {
+      const int64_t tl = h.tgt[c0 + j] - r0;
+      if (tl >= 0 && tl < br) dS[tl * bc + j] += h.gpos[c0 + j];
+    }
 }
 
 template <typename T>
@@ -394,6 +468,45 @@ void backward_tiles(const Tensor& X, const Tensor& Y, const BwdHead<T>& h, const
   for (int64_t k = 1; k < tasks; ++k) dY.add_(dy_parts[k]);  // fixed order
 }
 
+// Gram mode (x = y = Z): E = dS + dSᵀ over the lower triangle of tiles, dZ[rb] += E·Z[cb] and dZ[cb] += Eᵀ·Z[rb]:
+// half the tiles and GEMMs of the full sweep. Task k owns a contiguous range of row blocks of about equal triangle
+// area and writes their dZ rows into dX; its transposed products go to a buffer of its own: dX for task 0 (they all
+// land on its own rows), dY for task 1 (the caller's x and y are one tensor, so autograd adds dx + dy), a fresh
+// one from task 2 on, summed into dY in task order: deterministic for a given thread count, as backward_tiles.
+template <typename T>
+void backward_gram(const Tensor& X, const BwdHead<T>& h, const Opts& o, Tensor& dX, Tensor& dY) {
+  const int64_t N = X.size(0), nb = cdiv(N, o.BR);
+  const auto opt = X.options();
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb));
+  auto begin = [&](int64_t k) -> int64_t {
+    if (k >= tasks) return nb;
+    return std::min<int64_t>(nb, std::llround(double(nb) * std::sqrt(double(k) / double(tasks))));
+  };
+  std::vector<Tensor> parts(tasks);
+  for (int64_t k = 0; k < tasks; ++k) parts[k] = k == 0 ? dX : k == 1 ? dY : at::zeros_like(dX);
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    Tensor sbuf = at::empty({o.BR * o.BC}, opt), dbuf = at::empty({o.BR * o.BC}, opt);
+    for (int64_t k = b; k < e; ++k) {
+      for (int64_t rb = begin(k); rb < begin(k + 1); ++rb) {
+        const int64_t r0 = rb * o.BR, br = std::min(o.BR, N - r0);
+        const Tensor zr = X.narrow(0, r0, br);
+        Tensor dzr = dX.narrow(0, r0, br);
+        for (int64_t cb = 0; cb <= rb; ++cb) {
+          const int64_t c0 = cb * o.BC, bc = std::min(o.BC, N - c0);
+          const Tensor zc = X.narrow(0, c0, bc);
+          Tensor St = tile_view(sbuf, br, bc), E = tile_view(dbuf, br, bc);
+          at::mm_out(St, zr, zc.t());
+          dS_tile<T>(St.const_data_ptr<T>(), br, bc, r0, c0, E.data_ptr<T>(), h, o, cb < rb);
+          dzr.addmm_(E, zc);
+          if (cb < rb) parts[k].narrow(0, c0, bc).addmm_(E.t(), zr);
+          else dzr.addmm_(E.t(), zr);  // the diagonal tile holds both triangles: dSᵀ lands on its own rows
+        }
+      }
+    }
+  });
+  for (int64_t k = 2; k < tasks; ++k) dY.add_(parts[k]);  // fixed order
+}
+
 // dx_i += g_i · y_{c_i}, dy_{c_i} += g_i · x_i for one gathered element per row (serial: duplicates in c).
 template <typename T>
 void add_gathered(const T* xp, const T* yp, T* dx, T* dy, int64_t N, int64_t D, const T* g, const int64_t* c) {
@@ -428,22 +541,54 @@ void check_inputs(const Tensor& x, const Tensor& y, const Tensor& targets) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(1), "mmts_kernels cpp: targets must be [N]");
 }
 
+// NT-Xent's layout — x and y the same tensor, self_cols[i] = i, targets an involution without fixed points — with
+// only the lse, and square tiles: S and the excluded set are symmetric, so one triangle of tiles serves the rows
+// and (transposed) the columns. Checked in O(N) on the values.
+bool gram_layout(const Tensor& x, const Tensor& y, const Tensor& self, const Tensor& tgt, const Opts& o) {
+  if (!self.defined() || o.cols || o.hinge || o.hard || !o.lse || o.BR != o.BC) return false;
+  if (x.data_ptr() != y.data_ptr() || x.sizes() != y.sizes() || x.strides() != y.strides() ||
+      x.scalar_type() != y.scalar_type())
+    return false;
+  const int64_t N = x.size(1);
+  const int64_t* s = self.const_data_ptr<int64_t>();
+  const int64_t* t = tgt.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i)
+    if (s[i] != i || t[i] < 0 || t[i] >= N || t[i] == i || t[t[i]] != i) return false;
+  return true;
+}
+
+// The excluded columns as a contiguous int64 [N] tensor (undefined when absent); with ``decoupled`` and the self
+// columns, row statistics only: the column pass has no excluded entries.
+Tensor row_exclusions(const std::optional<Tensor>& self_cols, bool decoupled, bool cols, const Tensor& x) {
+  const bool has_self = self_cols.has_value() && self_cols->defined();
+  TORCH_CHECK(!cols || !(has_self || decoupled), "mmts_kernels cpp: self_cols / decoupled need cols=False");
+  if (!has_self) return Tensor();
+  TORCH_CHECK(self_cols->dim() == 1 && self_cols->size(0) == x.size(1), "mmts_kernels cpp: self_cols must be [N]");
+  return self_cols->to(at::kLong).contiguous();
+}
+
 using StatsTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                               Tensor, Tensor, Tensor>;
 
 StatsTuple cpu_stats(const Tensor& x, const Tensor& y, const std::optional<Tensor>& tau,
                      const std::optional<Tensor>& margin, const Tensor& targets, bool lse, bool hinge, bool hard,
                      bool ws, bool cols, bool dystress, double tau_min, double tau_max, bool deterministic,
-                     int64_t block_rows, int64_t block_cols) {
+                     int64_t block_rows, int64_t block_cols, const std::optional<Tensor>& self_cols,
+                     bool decoupled, bool dys_grad) {
   check_inputs(x, y, targets);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ATen calls are implementation, not graph
-  const Opts o = make_opts(lse, hinge, hard, ws && lse && !dystress, cols, dystress && lse, tau_min, tau_max,
-                           deterministic, block_rows, block_cols);
+  Opts o = make_opts(lse, hinge, hard, ws && lse && !dystress, cols, dystress && lse, tau_min, tau_max,
+                     deterministic, block_rows, block_cols);
+  const Tensor self = row_exclusions(self_cols, decoupled, cols, x);
+  o.has_self = self.defined();
+  o.decoupled = decoupled && lse;
+  o.dgrad = dys_grad && o.dys;  // the forward is the same; kept for symmetry with the backward
+  o.gram = gram_layout(x, y, self, targets.to(at::kLong).contiguous(), o);
   TORCH_CHECK(!o.lse || o.dys || (tau.has_value() && tau->defined()), "mmts_kernels cpp: tau is required");
   TORCH_CHECK(!o.hinge || (margin.has_value() && margin->defined()), "mmts_kernels cpp: margin is required");
   TORCH_CHECK(!o.cols || x.size(1) == y.size(1), "mmts_kernels cpp: column statistics need N == M");
   const auto ct = compute_type(x);
-  const Tensor X = x.to(ct).contiguous(), Y = y.to(ct).contiguous();
+  const Tensor X = x.to(ct).contiguous(), Y = x.is_same(y) ? X : y.to(ct).contiguous();  // one copy when x is y
   const Tensor tgt = targets.to(at::kLong).contiguous();
   const int64_t H = X.size(0), N = X.size(1);
   const auto fopt = X.options(), iopt = X.options().dtype(at::kLong);
@@ -466,9 +611,9 @@ StatsTuple cpu_stats(const Tensor& x, const Tensor& y, const std::optional<Tenso
     for (int64_t h = 0; h < H; ++h) {
       forward_head<T>(X[h], Y[h], taus.defined() ? taus.const_data_ptr<T>() + h * N : nullptr,
                       marg.defined() ? marg.const_data_ptr<T>() + h * N : nullptr, tgt.const_data_ptr<int64_t>(),
-                      o, row(pos, h), row(lse_t, h), row(ws_t, h), row(hinge_t, h), irow(cnt_t, h), row(hard_t, h),
-                      irow(arg_t, h), row(lse_c, h), row(ws_c, h), row(hinge_c, h), irow(cnt_c, h), row(hard_c, h),
-                      irow(arg_c, h));
+                      self.defined() ? self.const_data_ptr<int64_t>() : nullptr, o, row(pos, h), row(lse_t, h),
+                      row(ws_t, h), row(hinge_t, h), irow(cnt_t, h), row(hard_t, h), irow(arg_t, h), row(lse_c, h),
+                      row(ws_c, h), row(hinge_c, h), irow(cnt_c, h), row(hard_c, h), irow(arg_c, h));
     }
   });
   return {pos, lse_t, hinge_t, cnt_t, hard_t, arg_t, ws_t, lse_c, hinge_c, cnt_c, hard_c, arg_c, ws_c};
@@ -484,15 +629,24 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
     const std::optional<Tensor>& g_lse, const std::optional<Tensor>& g_hinge, const std::optional<Tensor>& g_hard,
     const std::optional<Tensor>& g_lse_c, const std::optional<Tensor>& g_hinge_c,
     const std::optional<Tensor>& g_hard_c, bool cols, bool dystress, double tau_min, double tau_max,
-    bool deterministic, int64_t block_rows, int64_t block_cols) {
+    bool deterministic, int64_t block_rows, int64_t block_cols, const std::optional<Tensor>& self_cols,
+    bool decoupled, bool dys_grad) {
   check_inputs(x, y, targets);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ATen calls are implementation, not graph
   const bool lse_on = present(g_lse) || (cols && present(g_lse_c));
   const bool hinge_on = present(g_hinge) || (cols && present(g_hinge_c));
-  const Opts o = make_opts(lse_on, hinge_on, false, false, cols, dystress, tau_min, tau_max, deterministic,
-                           block_rows, block_cols);
+  Opts o = make_opts(lse_on, hinge_on, false, false, cols, dystress, tau_min, tau_max, deterministic,
+                     block_rows, block_cols);
+  const Tensor self = row_exclusions(self_cols, decoupled, cols, x);
+  o.has_self = self.defined();
+  o.decoupled = decoupled && lse_on;
+  o.dgrad = dys_grad && dystress;
+  // The Gram backward uses the default schedule's per-task buffers: not under deterministic=True (bitwise for any
+  // thread count) nor past 8 threads, where backward_tiles' two-pass schedule runs instead.
+  o.gram = !deterministic && at::get_num_threads() <= 8 &&
+           gram_layout(x, y, self, targets.to(at::kLong).contiguous(), o);
   const auto ct = compute_type(x);
-  const Tensor X = x.to(ct).contiguous(), Y = y.to(ct).contiguous();
+  const Tensor X = x.to(ct).contiguous(), Y = x.is_same(y) ? X : y.to(ct).contiguous();  // one copy when x is y
   const Tensor tgt = targets.to(at::kLong).contiguous();
   const int64_t H = X.size(0), N = X.size(1), D = X.size(2);
   Tensor dX = at::zeros_like(X), dY = at::zeros_like(Y);
@@ -550,8 +704,15 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
         bh.gh = at_h(gh, h);
         bh.ghc = at_h(ghc, h);
         bh.tgt = tgt.const_data_ptr<int64_t>();
+        bh.self = self.defined() ? self.const_data_ptr<int64_t>() : nullptr;
         bh.gpos = at_h(gpos, h);
-        backward_tiles<T>(Xh, Yh, bh, o, dXh, dYh);
+        if (o.gram) {  // row j's terms of the transposed tiles: its own row gradient and lse
+          bh.gcol = bh.grow;
+          bh.lse_c = bh.lse;
+          backward_gram<T>(Xh, bh, o, dXh, dYh);
+        } else {
+          backward_tiles<T>(Xh, Yh, bh, o, dXh, dYh);
+        }
       }
       const T* xp = Xh.const_data_ptr<T>();
       const T* yp = Yh.const_data_ptr<T>();
@@ -574,14 +735,14 @@ TORCH_LIBRARY(mmts_kernels, m) {
   m.def(
       "cpu_stats(Tensor x, Tensor y, Tensor? tau, Tensor? margin, Tensor targets, bool lse, bool hinge, "
       "bool hard, bool ws, bool cols, bool dystress, float tau_min, float tau_max, bool deterministic, "
-      "int block_rows, int block_cols) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int block_rows, int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpu_stats_backward(Tensor x, Tensor y, Tensor? tau, Tensor? margin, Tensor targets, Tensor pos, "
       "Tensor lse, Tensor lse_c, Tensor cnt, Tensor cnt_c, Tensor arg, Tensor arg_c, Tensor? g_pos, "
       "Tensor? g_lse, Tensor? g_hinge, Tensor? g_hard, Tensor? g_lse_c, Tensor? g_hinge_c, Tensor? g_hard_c, "
       "bool cols, bool dystress, float tau_min, float tau_max, bool deterministic, int block_rows, "
-      "int block_cols) -> (Tensor, Tensor)");
+      "int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa);  // no tensor argument: one kernel for every dispatch key
 }
 

@@ -18,6 +18,13 @@
 //         + g^h_i · 1[m_i + S_ij − pos_i > 0, j≠t_i] + g^hc_j · 1[m_j + S_ij − pos_j > 0, i≠j]
 // (without DySTreSS the caller folds 1/τ_i into g_i and 1/τ_j into g^c_j). z is S_ij / τ, a true division like the
 // reference's (a reciprocal multiply adds an ulp of z, 1e-5 relative in p_ij once |z| ~ 100).
+// DySTreSS with the gradient through τ(S) (DGRAD, detach=False): ∂(S/τ(S))/∂S = (τ − S·τ'(S))/τ² replaces 1/τ_ij.
+//
+// Excluded columns (MASK, NT-Xent): row i leaves out column self_i (the anchor itself) and, when decoupled, its
+// positive t_i: every sum and max of the lse runs over j ∉ {self_i, t_i} and dS_ij = 0 there. With COLS too (the
+// Gram mode of mmts_cpu.cpp: x = y, self_i = i, t an involution) the excluded set is symmetric, so the same mask
+// serves the column direction, which there is row j's view of the transposed tile.
+// The hinge and hardest negative take self_i (nullptr: none) as a second non-negative column beside t_i.
 
 namespace mmts_cpu {
 namespace MMTS_KNS {
@@ -53,8 +60,18 @@ inline T dystress_tau(T s, T tau_min, T half_range) {
   return tau_min + half_range * (T(1) + std::cos(T(3.14159265358979323846) * (T(1) + s)));
 }
 
+// (τ − s·τ'(s))/τ² with τ'(s) = −half_range·π·sin(π(1 + s)): the slope of s/τ(s) when τ is not detached.
+template <typename T>
+inline T dystress_slope(T s, T t, T half_range) {
+  const T pi = T(3.14159265358979323846);
+  return (t + s * half_range * pi * std::sin(pi * (T(1) + s))) / (t * t);
+}
+
 template <typename T>
 inline T vmax(T a, T b) { return b > a ? b : a; }
+
+// Local column of row r's excluded entry in the tile starting at c0; −1 (never a column) when there is none.
+inline int64_t excluded(const int64_t* cols, int64_t r, int64_t c0) { return cols ? cols[r] - c0 : -1; }
 
 // Rescale a running (max, sum, weighted sum) to a new max; exp(−inf − (−inf)) must not give NaN.
 template <typename T>
@@ -67,32 +84,36 @@ inline void rescale(T& m, T& l, T* w, T m_new) {
   }
 }
 
-template <typename T, bool COLS, bool DYS, bool WS>
+template <typename T, bool COLS, bool DYS, bool WS, bool MASK>
 void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0,
              T* rmax, T* rsum, T* rws, const T* tau,                 // rows (τ; unused with DYS)
              T* cmax, T* csum, T* cws,                               // columns (this chunk's accumulators)
-             T* tile_cmax, T* Z, T tau_min, T half_range) {
+             T* tile_cmax, T* Z, T tau_min, T half_range,
+             const int64_t* ex1, const int64_t* ex2) {               // MASK: excluded columns of each row
   const T ninf = -std::numeric_limits<T>::infinity();
   if (COLS)
     for (int64_t j = 0; j < bc; ++j) tile_cmax[j] = ninf;
   const T* tc = tau + c0;
   for (int64_t i = 0; i < br; ++i) {  // pass A: maxima
     const T* s = S + i * ld;
+    const int64_t e1 = MASK ? excluded(ex1, r0 + i, c0) : -1, e2 = MASK ? excluded(ex2, r0 + i, c0) : -1;
     T zm = ninf;
     if (DYS) {
       T* z = Z + i * bc;
       for (int64_t j = 0; j < bc; ++j) z[j] = s[j] / dystress_tau(s[j], tau_min, half_range);
 #pragma omp simd reduction(max : zm)
       for (int64_t j = 0; j < bc; ++j) {
-        zm = vmax(zm, z[j]);
-        if (COLS) tile_cmax[j] = vmax(tile_cmax[j], z[j]);
+        const bool out = MASK && (j == e1 || j == e2);
+        zm = vmax(zm, out ? ninf : z[j]);
+        if (COLS) tile_cmax[j] = vmax(tile_cmax[j], out ? ninf : z[j]);
       }
     } else {
       const T t = tau[r0 + i];
 #pragma omp simd reduction(max : zm)
       for (int64_t j = 0; j < bc; ++j) {
-        zm = vmax(zm, s[j] / t);
-        if (COLS) tile_cmax[j] = vmax(tile_cmax[j], s[j] / tc[j]);
+        const bool out = MASK && (j == e1 || j == e2);
+        zm = vmax(zm, out ? ninf : s[j] / t);
+        if (COLS) tile_cmax[j] = vmax(tile_cmax[j], out ? ninf : s[j] / tc[j]);
       }
     }
     rescale(rmax[r0 + i], rsum[r0 + i], WS ? &rws[r0 + i] : nullptr, vmax(rmax[r0 + i], zm));
@@ -106,16 +127,20 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
   for (int64_t i = 0; i < br; ++i) {  // pass B: sums
     const T* s = S + i * ld;
     const T m = rmax[r0 + i];
+    // an excluded entry's e is 0 exactly (the float fexp clamps, so e^{−inf} would not be)
+    const int64_t e1 = MASK ? excluded(ex1, r0 + i, c0) : -1, e2 = MASK ? excluded(ex2, r0 + i, c0) : -1;
     T l = 0, w = 0;
     if (DYS) {
       const T* z = Z + i * bc;
 #pragma omp simd reduction(+ : l, w)
       for (int64_t j = 0; j < bc; ++j) {
         T e = fexp(z[j] - m);
+        if (MASK) e = (j == e1 || j == e2) ? T(0) : e;
         l += e;
         if (WS) w += e * s[j];
         if (COLS) {
           T ec = fexp(z[j] - cm[j]);
+          if (MASK) ec = (j == e1 || j == e2) ? T(0) : ec;
           cs[j] += ec;
           if (WS) cw[j] += ec * s[j];
         }
@@ -125,10 +150,12 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
 #pragma omp simd reduction(+ : l, w)
       for (int64_t j = 0; j < bc; ++j) {
         T e = fexp(s[j] / t - m);
+        if (MASK) e = (j == e1 || j == e2) ? T(0) : e;
         l += e;
         if (WS) w += e * s[j];
         if (COLS) {
           T ec = fexp(s[j] / tc[j] - cm[j]);
+          if (MASK) ec = (j == e1 || j == e2) ? T(0) : ec;
           cs[j] += ec;
           if (WS) cw[j] += ec * s[j];
         }
@@ -141,22 +168,24 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
 
 template <typename T, bool COLS>
 void fwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
-               const T* marg, const T* pos, T* rhinge, int64_t* rcnt, T* chinge, int32_t* ccnt) {
+               const T* marg, const T* pos, T* rhinge, int64_t* rcnt, T* chinge, int32_t* ccnt,
+               const int64_t* self) {
   const T* cmarg = marg + c0;
   const T* cpos = pos + c0;
   T* ch = chinge + c0;
   int32_t* cc = ccnt + c0;
   for (int64_t i = 0; i < br; ++i) {
     const T* s = S + i * ld;
-    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0, sl = excluded(self, r, c0);
     const T base = marg[r] - pos[r];
     T h = 0;
     int32_t n = 0;
 #pragma omp simd reduction(+ : h, n)
     for (int64_t j = 0; j < bc; ++j) {
       T v = base + s[j];
-      bool a = (v > T(0)) & (j != tl);
-      h += (!(v <= T(0)) & (j != tl)) ? v : T(0);  // NaN propagates into the sum (relu(NaN) = NaN)
+      const bool negative = (j != tl) & (j != sl);
+      bool a = (v > T(0)) & negative;
+      h += (!(v <= T(0)) & negative) ? v : T(0);  // NaN propagates into the sum (relu(NaN) = NaN)
       n += a ? 1 : 0;
       if (COLS) {
         T vc = cmarg[j] + s[j] - cpos[j];
@@ -172,31 +201,31 @@ void fwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64
 
 template <typename T, bool COLS>
 void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
-              T* rhard, int64_t* rarg, T* chard, int64_t* carg) {
+              T* rhard, int64_t* rarg, T* chard, int64_t* carg, const int64_t* self) {
   const T ninf = -std::numeric_limits<T>::infinity();
   T* chd = chard + c0;
   int64_t* cag = carg + c0;
   for (int64_t i = 0; i < br; ++i) {
     const T* s = S + i * ld;
-    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0, sl = excluded(self, r, c0);
     T best = ninf;
     int nan = 0;  // NaN propagates as in the reference's max: a NaN negative is the hardest and stays so
 #pragma omp simd reduction(max : best) reduction(| : nan)
     for (int64_t j = 0; j < bc; ++j) {
-      const T v = j != tl ? s[j] : ninf;
+      const T v = (j != tl && j != sl) ? s[j] : ninf;
       best = vmax(best, v);
       nan |= v != v;
     }
     if (nan && rhard[r] == rhard[r]) {  // the first NaN seen, in the lowest column of this tile
       for (int64_t j = 0; j < bc; ++j)
-        if (j != tl && s[j] != s[j]) {
+        if (j != tl && j != sl && s[j] != s[j]) {
           rhard[r] = s[j];
           rarg[r] = c0 + j;
           break;
         }
     } else if (best > rhard[r]) {  // strict: an earlier tile (lower column) keeps a tie; false once NaN
       for (int64_t j = 0; j < bc; ++j)
-        if (j != tl && s[j] == best) {
+        if (j != tl && j != sl && s[j] == best) {
           rhard[r] = best;
           rarg[r] = c0 + j;
           break;
@@ -213,9 +242,11 @@ void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_
   }
 }
 
-template <typename T, bool COLS, bool DYS, bool ACC>
+template <typename T, bool COLS, bool DYS, bool ACC, bool MASK, bool DGRAD>
 void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS,
-             const T* grow, const T* lse, const T* tau, const T* gcol, const T* lse_c, T tau_min, T half_range) {
+             const T* grow, const T* lse, const T* tau, const T* gcol, const T* lse_c, T tau_min, T half_range,
+             const int64_t* ex1, const int64_t* ex2) {
+  static_assert(DYS || !DGRAD, "DGRAD is DySTreSS's gradient through τ(S)");
   const T* gc = gcol + c0;
   const T* lc = lse_c + c0;
   const T* tc = tau + c0;
@@ -223,13 +254,21 @@ void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
     const T* s = S + i * ld;
     T* d = dS + i * bc;
     const T g = grow[r0 + i], L = lse[r0 + i];
+    const int64_t e1 = MASK ? excluded(ex1, r0 + i, c0) : -1, e2 = MASK ? excluded(ex2, r0 + i, c0) : -1;
     if (DYS) {
 #pragma omp simd
       for (int64_t j = 0; j < bc; ++j) {
         T t = dystress_tau(s[j], tau_min, half_range);
         T z = s[j] / t;  // rounded exactly as in the forward
-        T v = g / t * fexp(z - L);
-        if (COLS) v += gc[j] / t * fexp(z - lc[j]);
+        T v, slope = DGRAD ? dystress_slope(s[j], t, half_range) : T(0);
+        if (DGRAD) {
+          v = g * slope * fexp(z - L);
+          if (COLS) v += gc[j] * slope * fexp(z - lc[j]);
+        } else {
+          v = g / t * fexp(z - L);
+          if (COLS) v += gc[j] / t * fexp(z - lc[j]);
+        }
+        if (MASK) v = (j == e1 || j == e2) ? T(0) : v;
         d[j] = ACC ? d[j] + v : v;
       }
     } else {
@@ -238,6 +277,7 @@ void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
       for (int64_t j = 0; j < bc; ++j) {
         T v = g * fexp(s[j] / t - L);
         if (COLS) v += gc[j] * fexp(s[j] / tc[j] - lc[j]);
+        if (MASK) v = (j == e1 || j == e2) ? T(0) : v;
         d[j] = ACC ? d[j] + v : v;
       }
     }
@@ -246,18 +286,18 @@ void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
 
 template <typename T, bool COLS, bool ACC>
 void bwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, const int64_t* tgt,
-               const T* marg, const T* pos, const T* ghinge, const T* ghinge_c) {
+               const T* marg, const T* pos, const T* ghinge, const T* ghinge_c, const int64_t* self) {
   const T* cmarg = marg + c0;
   const T* cpos = pos + c0;
   const T* gc = ghinge_c + c0;
   for (int64_t i = 0; i < br; ++i) {
     const T* s = S + i * ld;
     T* d = dS + i * bc;
-    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0, sl = excluded(self, r, c0);
     const T base = marg[r] - pos[r], g = ghinge[r];
 #pragma omp simd
     for (int64_t j = 0; j < bc; ++j) {
-      T v = ((base + s[j] > T(0)) & (j != tl)) ? g : T(0);
+      T v = ((base + s[j] > T(0)) & (j != tl) & (j != sl)) ? g : T(0);
       if (COLS) v += ((cmarg[j] + s[j] - cpos[j] > T(0)) & (j != diag)) ? gc[j] : T(0);
       d[j] = ACC ? d[j] + v : v;
     }

@@ -1,7 +1,7 @@
 """mmts_kernels: fused contrastive losses with per-sample temperatures and margins.
 
 Where things are:
-    api.py          the public functions (contrastive_loss, info_nce, max_margin)
+    api.py          the public functions (contrastive_loss, info_nce, max_margin, nt_xent)
     validation.py   every bad-input check, before any backend runs
     stats.py        the statistics contract every backend implements
     losses.py       the losses as O(N) functions of those statistics
@@ -11,7 +11,9 @@ Where things are:
     schedules.py    TS and MM-TS temperature / margin schedules
     clusters.py     per-sample cluster sizes from labels or k-means
     modules.py      nn.Module losses (ContrastiveLoss, MMTSLoss)
-    amcl.py         multi-head AMCL with its temperature network
+    amcl.py         multi-head AMCL with its temperature network (top-k negatives: topk.py)
+    topk.py         the top-k statistic (the k largest negatives per row): dispatch and torch reference
+    queue.py        FeatureQueue, a FIFO of past keys for MoCo-style negatives
     distributed.py  local loss with negatives gathered over torch.distributed
     metrics.py      retrieval metrics: R@K, ranks, EK-100 mAP / nDCG (chunked)
     triton_backend/ the fused Triton kernels (GPU)
@@ -19,16 +21,18 @@ Where things are:
 """
 from . import backends, clusters, metrics, schedules
 from .amcl import AMCLLoss, AMCLTemperatureNet, amcl_loss
-from .api import contrastive_loss, info_nce, max_margin
+from .api import contrastive_loss, info_nce, max_margin, nt_xent
 from .backends import available_backends
 from .clusters import Clusters, clusters_from_labels, embed_captions, kmeans
 from .modules import ContrastiveLoss, MMTSLoss
+from .queue import FeatureQueue
 from .temperature import DySTreSS
 
 __all__ = [
     "contrastive_loss",
     "info_nce",
     "max_margin",
+    "nt_xent",
     "DySTreSS",
     "available_backends",
     "schedules",
@@ -38,6 +42,7 @@ __all__ = [
     "amcl_loss",
     "AMCLLoss",
     "AMCLTemperatureNet",
+    "FeatureQueue",
     "Clusters",
     "clusters_from_labels",
     "embed_captions",

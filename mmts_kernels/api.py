@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, losses
-from .validation import Problem, validate
+from .validation import Problem, validate, validate_nt_xent
 
 
 def contrastive_loss(
@@ -71,6 +71,49 @@ def max_margin(x: torch.Tensor, y: torch.Tensor, margin=0.2, **kwargs) -> torch.
     """Max-margin ranking loss: ``contrastive_loss(x, y, loss="max_margin", margin=margin, ...)``."""
     _refuse_unused(kwargs, "temperature", "max_margin", "info_nce")
     return contrastive_loss(x, y, loss="max_margin", margin=margin, **kwargs)
+
+
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature=0.1,
+    *,
+    decoupled: bool = False,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """SimCLR's NT-Xent over two views ``z1``, ``z2`` [B, D] (or [H, B, D]) of the same B samples.
+
+    With Z = cat(z1, z2) and S = Z Zᵀ, anchor a (one of 2B) has its positive at its other view p(a) = a ± B and as
+    negatives every other row of both views; its own similarity S_aa is left out:
+
+        L_a = −S_{a,p(a)}/τ_{a,p(a)} + log Σ_{j ≠ a} exp(S_aj/τ_aj)      (decoupled=True, DCL: Σ over j ∉ {a, p(a)})
+
+    temperature:   float, 0-dim, [B] per sample (both views of sample i use τ_i), [2B] per anchor (z1's, then
+                   z2's), [H, B] / [H, 2B] with heads, possibly requiring grad; or ``mk.DySTreSS(...)`` (τ_aj =
+                   τ(S_aj) on every logit, the positive's too; ``detach=False`` lets the gradient flow through it).
+    reduction:     "mean" (over the 2B anchors) | "sum" | "none" ([2, B]: anchors of z1, anchors of z2; [H, 2, B]
+                   with heads). With heads, "mean" and "sum" reduce each head and sum over heads.
+    normalize:     L2-normalize z1 and z2 (differentiably) first; the library never normalizes silently.
+    process_group: a torch.distributed group: each rank passes its local views; the loss equals one process on
+                   the concatenated batch (Z = all z1 in rank order, then all z2), as for ``info_nce``.
+
+    The fused backends never hold the 2B × 2B matrix: extra memory O(B·D). Returns fp32 (fp64 for fp64 inputs).
+    """
+    problem = validate_nt_xent(z1, z2, temperature=temperature, decoupled=decoupled, reduction=reduction,
+                               normalize=normalize, backend=backend, deterministic=deterministic,
+                               distributed=process_group is not None)
+    impl = backends.resolve(backend, problem.z1.device)
+    if normalize:
+        problem = replace(problem, z1=F.normalize(problem.z1, dim=-1), z2=F.normalize(problem.z2, dim=-1))
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.distributed_nt_xent(problem, impl, process_group)
+    return losses.nt_xent_from_problem(problem, impl)
 
 
 def _refuse_unused(kwargs: dict, name: str, function: str, user: str) -> None:

@@ -5,8 +5,9 @@ Each backend is a module exposing
     unavailable_reason(device: torch.device | None) -> str | None   # None: usable (on that device)
     compute_stats(x, y, tau, margin, targets, request) -> Stats       # the contract of mmts_kernels.stats
 
-The backend packages are light to import: importing mmts_kernels never imports triton, builds C++ or queries a GPU;
-those happen in ``unavailable_reason`` / ``compute_stats`` on first use.
+The backend packages are light to import: importing mmts_kernels never imports triton or torch._dynamo, builds C++
+or queries a GPU; those happen in ``unavailable_reason`` / ``compute_stats`` / torch.compile on first use
+(python_tests/test_import_cost.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from types import ModuleType
 from typing import Dict, Optional
 
 import torch
+
+from .compile_support import assume_constant_result
 
 _MODULES = {
     "torch": "mmts_kernels.reference",
@@ -55,7 +58,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
 # Under torch.compile the choice is a constant of the trace: it depends only on the backend name and the device
 # type, and it reads the environment, imports triton or loads the C++ library, which dynamo would otherwise try to
 # trace. It returns the backend's name, a constant dynamo can guard on.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _choose(name: str, device_type: str) -> str:
     device = torch.device(device_type)
     if name == "auto":

@@ -35,6 +35,9 @@ Reductions — the rule: **the mean over ranks of the returned losses is the sin
 With explicit ``targets`` (one-directional), each rank's targets index its LOCAL y; they are offset by the number
 of y samples on lower ranks. Every rank of the group must call the loss, and call backward on it, the same number
 of times in the same order (the gather's backward is a collective).
+
+NT-Xent (``distributed_nt_xent``) follows the same rules with one row-statistics pass: this rank's anchors (its z1
+and z2 rows) against the gathered Z = cat(all z1, all z2), with global targets and self columns.
 """
 from __future__ import annotations
 
@@ -98,6 +101,45 @@ def distributed_loss(problem, impl, process_group):
     global_count = losses.mean_count(loss=problem.loss, hardest_negative=problem.hardest_negative,
                                      anchors=2 * n_all if problem.symmetric else n_all, num_cols=m_all)
     return total * (world / global_count)
+
+
+def distributed_nt_xent(problem, impl, process_group):
+    """NT-Xent of this rank's views against the views of every rank (the module docstring's rules).
+
+    The global Z is every rank's z1 in rank order, then every rank's z2 (B = Σ_r b_r rows each): exactly the Z of
+    one process on the concatenated batch. This rank's 2b anchors are its z1 rows (global o_r + i) and z2 rows
+    (global B + o_r + i), scored against all 2B rows with targets and self columns in global indices; per-anchor
+    temperatures stay local. "mean" divides by the global 2B."""
+    group = _check_group(process_group)
+    world = dist.get_world_size(group)
+    if world == 1:
+        _check_views_total(problem.z1.shape[1])
+        return losses.nt_xent_from_problem(problem, impl)
+    rank = dist.get_rank(group)
+    z1, z2 = problem.z1, problem.z2  # [H, b, D] each
+    b = z1.shape[1]
+    sizes = [s[0] for s in _all_sizes((b,), z1.device, group)]
+    total, offset = sum(sizes), sum(sizes[:rank])
+    _check_views_total(total)
+    views = gather_with_grad(torch.stack((z1, z2)), sizes, dim=2, group=group)  # [2, H, B, D]
+    Z = torch.cat((views[0], views[1]), dim=1)  # [H, 2B, D]
+    anchors = torch.cat((z1, z2), dim=1)  # [H, 2b, D]: this rank's rows of Z, with their direct gradient
+    targets, self_cols = losses.nt_xent_indices(b, offset, total, z1.device)
+    stats = impl.compute_stats(anchors, Z, problem.tau, None, targets, problem.request, self_cols=self_cols)
+    terms = losses.nt_xent_terms(stats, problem.tau, problem.request.dystress, b)
+    reduction = problem.reduction
+    local = losses.reduce_terms(terms, loss="infonce", hardest_negative=False,
+                                reduction="sum" if reduction == "mean" else reduction, num_cols=2 * total,
+                                has_heads=problem.has_heads)
+    if reduction == "none":
+        return local
+    return local * world if reduction == "sum" else local * (world / (2 * total))
+
+
+def _check_views_total(total: int) -> None:
+    if total < 2:
+        raise ValueError(f"z1 and z2 must hold at least 2 samples over the process group (B={total}): a view's "
+                         "anchor needs a negative besides its own other view")
 
 
 def _check_negatives(m_all: int) -> None:

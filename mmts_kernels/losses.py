@@ -4,6 +4,7 @@ distributed paths (``loss_from_problem``: a validated problem's statistics from 
 With s = row direction and c = column direction (symmetric losses only), per anchor i:
 
     InfoNCE              L_i = lse_i − pos_i / τ⁺_i         τ⁺_i = τ_i, or τ(sg(pos_i)) under DySTreSS
+                                                             (τ(pos_i), differentiable, with detach=False)
     max-margin (all)     L_i = hinge_i                       Σ_{j≠t_i} relu(m_i + S_ij − pos_i)
     max-margin (hardest) L_i = relu(m_i + hard_i − pos_i)    VSE++ max_violation
 
@@ -15,6 +16,14 @@ Reductions, per head, then summed over heads:
     "mean"  InfoNCE: ½(mean_i L^row_i + mean_j L^col_j) (or mean_i L_i one-directional)
             max-margin (all): Σ / number of (anchor, negative) terms = 2N(N−1) symmetric, N(M−1) otherwise
             hardest: Σ / number of anchors = 2N symmetric, N otherwise
+
+NT-Xent (SimCLR; ``nt_xent_from_problem``): two views z1, z2 [B, D] of B samples, Z = cat(z1, z2) [2B, D]. Anchor a
+of Z has its positive at p(a) = a ± B (its other view) and is itself left out (``self_cols``); it is one-directional
+InfoNCE of Z against Z with targets p and self_cols a, the positive also out of the lse when decoupled (DCL):
+
+    L_a = −S_{a,p(a)}/τ⁺_a + log Σ_{j ≠ a} exp(S_aj/τ_aj)        (decoupled: j ∉ {a, p(a)})
+
+"none" [2, B] (anchors of z1, anchors of z2), "mean" Σ / 2B, "sum" Σ; per head, heads summed.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from .stats import Stats
 from .temperature import DySTreSS
 
 if TYPE_CHECKING:
-    from .validation import Problem
+    from .validation import NTXentProblem, Problem
 
 
 def per_anchor_terms(
@@ -42,7 +51,7 @@ def per_anchor_terms(
     """Per-anchor loss terms, [H, 2, N] when symmetric else [H, N]."""
     pos = stats.pos
     if loss == "infonce":
-        tau_pos = dystress(pos.detach()) if dystress is not None else tau.to(pos.dtype)
+        tau_pos = dystress.on(pos) if dystress is not None else tau.to(pos.dtype)
         row = stats.lse - pos / tau_pos
         col = stats.lse_c - pos / tau_pos if symmetric else None
     elif hardest_negative:
@@ -86,3 +95,28 @@ def loss_from_problem(problem: Problem, impl) -> torch.Tensor:
         terms, loss=problem.loss, hardest_negative=problem.hardest_negative, reduction=problem.reduction,
         num_cols=problem.y.shape[1], has_heads=problem.has_heads,
     )
+
+
+def nt_xent_indices(b: int, offset: int, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, self_cols) [2b] of the anchors cat(z1[offset:offset+b], z2[offset:offset+b]) in a Z of 2·total rows
+    (z1's ``total`` rows, then z2's): the positive of z1's sample i is row total + i, of z2's row i."""
+    i = torch.arange(offset, offset + b, device=device)
+    return torch.cat((i + total, i)), torch.cat((i, i + total))
+
+
+def nt_xent_terms(stats: Stats, tau: Optional[torch.Tensor], dystress: Optional[DySTreSS], b: int) -> torch.Tensor:
+    """Per-anchor NT-Xent terms [H, 2, b] from the row statistics of the 2b anchors."""
+    terms = per_anchor_terms(stats, loss="infonce", hardest_negative=False, tau=tau, dystress=dystress,
+                             margin=None, symmetric=False)
+    return terms.view(terms.shape[0], 2, b)
+
+
+def nt_xent_from_problem(problem: NTXentProblem, impl) -> torch.Tensor:
+    """NT-Xent of one process: the row statistics of Z = cat(z1, z2) against itself, then the O(B) loss."""
+    B = problem.z1.shape[1]
+    Z = torch.cat((problem.z1, problem.z2), dim=1)
+    targets, self_cols = nt_xent_indices(B, 0, B, Z.device)
+    stats = impl.compute_stats(Z, Z, problem.tau, None, targets, problem.request, self_cols=self_cols)
+    terms = nt_xent_terms(stats, problem.tau, problem.request.dystress, B)
+    return reduce_terms(terms, loss="infonce", hardest_negative=False, reduction=problem.reduction,
+                        num_cols=2 * B, has_heads=problem.has_heads)

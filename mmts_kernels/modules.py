@@ -25,7 +25,8 @@ from torch import nn
 from . import schedules
 from .api import contrastive_loss
 from .clusters import Clusters
-from .temperature import DySTreSS
+from .temperature import MAX_TEMPERATURE, DySTreSS, logit_scale_message
+from .validation import check_tensor_layout
 
 
 class ContrastiveLoss(nn.Module):
@@ -85,12 +86,14 @@ class ContrastiveLoss(nn.Module):
         elif isinstance(temperature, DySTreSS):
             self._dystress = temperature
         elif isinstance(temperature, torch.Tensor):
+            check_tensor_layout("temperature", temperature)
             if temperature.dim() > 1:
                 raise ValueError(f"temperature must be a float, a 0-dim or [N] tensor, got {tuple(temperature.shape)}")
             self._temperature = temperature.detach().clone()
         else:
             self._fixed = _scalar_temperature(temperature, learnable=False)
         if isinstance(margin, torch.Tensor):
+            check_tensor_layout("margin", margin)
             self.register_buffer("_margin", margin.detach().clone())
         else:
             self.register_buffer("_margin", None)
@@ -171,6 +174,7 @@ class MMTSLoss(nn.Module):
         if not isinstance(cluster_sizes, torch.Tensor):
             raise TypeError(f"cluster_sizes must be a tensor [num_samples] or a Clusters, "
                             f"got {type(cluster_sizes).__name__}")
+        check_tensor_layout("cluster_sizes", cluster_sizes)
         if cluster_sizes.dim() != 1 or cluster_sizes.numel() == 0:
             raise ValueError(f"cluster_sizes must have shape [num_samples], got {tuple(cluster_sizes.shape)}")
         if cluster_sizes.is_floating_point() and not bool(torch.isfinite(cluster_sizes).all()):
@@ -236,6 +240,7 @@ class MMTSLoss(nn.Module):
     def _check_index(self, index) -> torch.Tensor:
         if not isinstance(index, torch.Tensor):
             raise TypeError(f"index must be an integer tensor [N] of dataset indices, got {type(index).__name__}")
+        check_tensor_layout("index", index)
         if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"index must have an integer dtype, got {index.dtype}")
         if index.dim() != 1:
@@ -266,4 +271,6 @@ def _scalar_temperature(value, learnable: bool = True) -> float:
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {value}")
+    if value > MAX_TEMPERATURE:
+        raise ValueError(logit_scale_message("temperature", value))
     return value

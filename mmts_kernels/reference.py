@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .stats import Stats, StatsRequest, compute_dtype
+from .topk import torch_topk as compute_topk  # noqa: F401  (the top-k statistic's reference)
 
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
@@ -24,10 +25,12 @@ def compute_stats(
     margin: Optional[torch.Tensor],
     targets: torch.Tensor,
     request: StatsRequest,
+    self_cols: Optional[torch.Tensor] = None,
     *,
     upcast: bool = True,
 ) -> Stats:
-    """Statistics of S = x yᵀ, materialized.
+    """Statistics of S = x yᵀ, materialized. Excluded entries (``self_cols``, and the positive from the lse when
+    ``request.decoupled``) are masked out of the materialized S; autograd gives them zero gradient.
 
     ``upcast=True`` (the backend) computes S in fp32 (fp64 for fp64 inputs). ``upcast=False`` computes S in the
     input dtype and only then upcasts: the "torch in the same low precision" baseline the accuracy tests
@@ -39,30 +42,33 @@ def compute_stats(
     else:
         S = torch.matmul(x, y.transpose(-1, -2)).to(cdt)
     H, N, M = S.shape
-    is_pos = targets.view(1, N, 1) == torch.arange(M, device=S.device).view(1, 1, M)  # [1, N, M]
+    columns = torch.arange(M, device=S.device).view(1, 1, M)
+    is_pos = targets.view(1, N, 1) == columns  # [1, N, M]
+    is_self = (self_cols.view(1, N, 1) == columns) if self_cols is not None else torch.zeros_like(is_pos)
     pos = S.gather(2, targets.view(1, N, 1).expand(H, N, 1)).squeeze(2)
     out = {"pos": pos}
 
     if request.lse:
         if request.dystress is not None:
-            tau_rows = tau_cols = request.dystress(S.detach())
+            tau_rows = tau_cols = request.dystress.on(S)  # detached unless DySTreSS(detach=False)
         else:
             tau_rows, tau_cols = tau.to(cdt).unsqueeze(2), tau.to(cdt).unsqueeze(1)  # row i: τ_i, column j: τ_j
-        out["lse"], out["ws"] = _lse_ws(S, S / tau_rows, dim=2, want_ws=request.ws)
+        out_of_lse = is_self | is_pos if request.decoupled else is_self
+        logits = (S / tau_rows).masked_fill(out_of_lse, float("-inf"))
+        out["lse"], out["ws"] = _lse_ws(S, logits, dim=2, want_ws=request.ws)
         if request.cols:
             out["lse_c"], out["ws_c"] = _lse_ws(S, S / tau_cols, dim=1, want_ws=request.ws)
 
     if request.hinge:
         m = margin.to(cdt)
-        out["hinge"], out["cnt"] = _hinge(m.unsqueeze(2) + S - pos.unsqueeze(2), is_pos, dim=2)
+        out["hinge"], out["cnt"] = _hinge(m.unsqueeze(2) + S - pos.unsqueeze(2), is_pos | is_self, dim=2)
         if request.cols:  # column j: positive S_jj = pos[j], margin m_j
             out["hinge_c"], out["cnt_c"] = _hinge(m.unsqueeze(1) + S - pos.unsqueeze(1), is_pos, dim=1)
 
     if request.hard:
-        negatives = S.masked_fill(is_pos, float("-inf"))
-        out["hard"], out["arg"] = _first_max(negatives, dim=2)
+        out["hard"], out["arg"] = _first_max(S.masked_fill(is_pos | is_self, float("-inf")), dim=2)
         if request.cols:
-            out["hard_c"], out["arg_c"] = _first_max(negatives, dim=1)
+            out["hard_c"], out["arg_c"] = _first_max(S.masked_fill(is_pos, float("-inf")), dim=1)
     return Stats(**out)
 
 

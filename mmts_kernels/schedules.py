@@ -24,6 +24,8 @@ from typing import Optional, Union
 
 import torch
 
+from .validation import check_tensor_layout
+
 Step = Union[float, torch.Tensor]
 SizeBound = Union[float, torch.Tensor]  # a number or a 0-dim tensor
 
@@ -69,6 +71,7 @@ def cluster_shift(
     """
     if not isinstance(cluster_sizes, torch.Tensor):
         cluster_sizes = torch.as_tensor(cluster_sizes)
+    check_tensor_layout("cluster_sizes", cluster_sizes)
     if cluster_sizes.dim() != 1:
         raise ValueError(f"cluster_sizes must have shape [N], got {tuple(cluster_sizes.shape)}")
     if cluster_sizes.dtype == torch.bool or cluster_sizes.is_complex():
@@ -167,6 +170,7 @@ def _check_period(period, name: str = "period") -> None:
 
 def _check_step(step: Step) -> Step:
     if isinstance(step, torch.Tensor):
+        check_tensor_layout("step", step)
         if step.dim() != 0:
             raise ValueError(f"step must be a number or a 0-dim tensor, got shape {tuple(step.shape)}")
         return step if step.is_floating_point() else step.to(torch.float64)
@@ -177,6 +181,7 @@ def _check_step(step: Step) -> Step:
 
 def _size_bound(name: str, value, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        check_tensor_layout(name, value)
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a number or a 0-dim real tensor, got a {value.dtype} tensor of shape "
                             f"{tuple(value.shape)}")

@@ -3,7 +3,7 @@
 Every loss of the library is a cheap O(N) function of per-row (and, for symmetric losses, per-column)
 statistics of the similarity matrix S (DESIGN §3). A backend implements exactly one function,
 
-    compute_stats(x, y, tau, margin, targets, request) -> Stats
+    compute_stats(x, y, tau, margin, targets, request, self_cols=None) -> Stats
 
 with these inputs (already validated and normalized by ``mmts_kernels.validation``):
 
@@ -14,15 +14,23 @@ with these inputs (already validated and normalized by ``mmts_kernels.validation
     margin   [H, N]     per-sample margin (same dtype rules), possibly requiring grad; None when no hinge /
                         hardest negative is requested
     targets  [N] int64  positive column of each row; ``arange(N)`` in the symmetric case
+    self_cols  [N] int64 or None: column self_cols[i] is row i itself (NT-Xent, where x = y = cat(views)); it is
+                        left out of every statistic of row i (lse, ws, hinge/cnt, hard). Row direction only
+                        (``request.cols`` False); self_cols[i] ≠ targets[i], and every row keeps at least one column
 
 and it returns a ``Stats`` whose requested fields are [H, N] tensors (fp32, or fp64 for fp64 inputs;
 ``cnt`` and ``arg`` int64), differentiable with respect to x, y, tau and margin:
 
     pos_i   = S_{i,t_i}
-    lse_i   = log Σ_j exp(S_ij / τ_ij)          τ_ij = tau[i] (row), or dystress(S_ij.detach())
+    lse_i   = log Σ_j exp(S_ij / τ_ij)          τ_ij = tau[i] (row), or dystress(sg(S_ij)) (see detach below)
     hinge_i = Σ_{j≠t_i} relu(m_i + S_ij − pos_i),   cnt_i = #{ j≠t_i : m_i + S_ij − pos_i > 0 }
     hard_i  = max_{j≠t_i} S_ij,   arg_i = its column (the lowest such column on ties)
     ws_i    = Σ_j softmax_j(S_ij/τ_ij) · S_ij    (what a fused backward needs for ∂lse_i/∂τ_i = −ws_i/τ_i²)
+
+With E_i the excluded columns of row i — {self_cols[i]}, plus t_i from the lse and ws when ``request.decoupled``
+(DCL: the positive leaves the denominator; the loss is still lse_i − pos_i/τ⁺_i) — every sum and max above runs over
+j ∉ E_i. Under DySTreSS with ``detach=False`` the τ_ij = dystress(S_ij) is not detached: the statistics are
+differentiable through it (∂(S/τ(S))/∂S = 1/τ − S·τ'(S)/τ²).
 
 The ``*_c`` fields are the same statistics of column j over Sᵀ (only when ``request.cols``, which implies the
 square symmetric case, targets = arange(N)): they use τ_j and m_j, the per-sample values of pair j, and the
@@ -47,8 +55,9 @@ class StatsRequest:
     hard: bool = False
     ws: bool = False  # only when tau requires grad
     cols: bool = False  # square symmetric case: the column statistics too, from the same pass
-    dystress: Optional[DySTreSS] = None
+    dystress: Optional[DySTreSS] = None  # its ``detach`` says whether the gradient flows through τ(S)
     deterministic: bool = False
+    decoupled: bool = False  # DCL: the positive t_i leaves the lse / ws of row i (row direction only)
 
 
 class Stats(NamedTuple):

@@ -2,8 +2,10 @@
 
 ``validate`` turns the public arguments into a ``Problem``: inputs with an explicit head axis, the temperature
 and margin as [H, N] tensors, explicit targets, and the statistics the loss needs. Shape and type errors raise
-``TypeError``/``ValueError`` naming the argument. Checks on tensor *values* (τ > 0, targets in range, finiteness)
-read the data once; they are skipped while ``torch.compile`` traces, where they would break the graph.
+``TypeError``/``ValueError`` naming the argument. Every tensor must be dense and strided (sparse, mkldnn and
+nested tensors are refused: the kernels index raw strides). Checks on tensor *values* (0 < τ ≤ MAX_TEMPERATURE,
+targets in range, finiteness) read the data once, in one device sync per tensor; they are skipped while
+``torch.compile`` traces, where they would break the graph, and on meta tensors, which have no values.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from .stats import StatsRequest, compute_dtype
-from .temperature import DySTreSS
+from .temperature import MAX_TEMPERATURE, DySTreSS, logit_scale_message
 
 LOSSES = ("infonce", "max_margin")
 REDUCTIONS = ("mean", "sum", "none")
@@ -71,7 +73,11 @@ def validate(
     x3, y3, has_heads = _check_embeddings(x, y)
     H, N, _ = x3.shape
     M = y3.shape[1]
-    checking_values = not torch.compiler.is_compiling()
+    on_meta = x3.device.type == "meta"
+    if check_finite and on_meta:
+        raise ValueError("check_finite=True reads the values of x and y, but they are meta tensors (shapes only, no "
+                         "values); pass check_finite=False")
+    checking_values = not torch.compiler.is_compiling() and not on_meta
 
     if symmetric:
         if targets is not None:
@@ -87,10 +93,7 @@ def validate(
     cdt = compute_dtype(x3.dtype)
     tau = margin_t = dystress = None
     if loss == "infonce":
-        if isinstance(temperature, DySTreSS):
-            dystress = temperature
-        else:
-            tau = _per_sample("temperature", temperature, H, N, x3.device, cdt, checking_values, positive=True)
+        tau, dystress = check_temperature(temperature, H, N, x3.device, cdt, checking_values)
     else:
         margin_t = _per_sample("margin", margin, H, N, x3.device, cdt, checking_values, positive=False)
 
@@ -113,6 +116,35 @@ def validate(
     return Problem(x3, y3, tau, margin_t, targets, loss, hardest_negative, symmetric, reduction, has_heads, request)
 
 
+def check_tensor_layout(name: str, t: torch.Tensor) -> None:
+    """A dense, strided tensor, as every backend reads it. Sparse (COO, CSR, …), mkldnn and nested tensors would
+    otherwise fail inside torch or a kernel with an error that names no argument."""
+    if t.is_nested:  # checked first: a nested tensor's layout may read torch.strided
+        raise TypeError(f"{name} must be a dense tensor, got a nested (ragged) tensor; pass an ordinary dense "
+                        "tensor (rows added as padding would count as samples)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f"{name}.to_dense()")
+
+
+def check_temperature(temperature, H: int, N: int, device, cdt, checking_values: bool):
+    """The ``temperature`` argument of an InfoNCE-type loss: ``(tau, None)`` with tau an [H, N] tensor in ``cdt``,
+    or ``(None, dystress)`` for a ``DySTreSS``. Every τ must be finite, > 0 in ``cdt`` and at most
+    ``MAX_TEMPERATURE`` (a larger one is a logit scale passed by mistake)."""
+    if isinstance(temperature, DySTreSS):
+        check_dystress(temperature, cdt)
+        return None, temperature
+    return _per_sample("temperature", temperature, H, N, device, cdt, checking_values, positive=True,
+                       upper=MAX_TEMPERATURE), None
+
+
+def check_dystress(dystress: DySTreSS, cdt: torch.dtype) -> None:
+    """DySTreSS checks its bounds (finite, > 0, ≤ MAX_TEMPERATURE) when it is made, before the inputs' dtype is
+    known; here they must also hold in the compute dtype (τ_min = 1e-50 is > 0 in fp64 but 0 in fp32)."""
+    for name in ("tau_min", "tau_max"):
+        _scalar_in_dtype(f"temperature (DySTreSS {name})", getattr(dystress, name), cdt, positive=True)
+
+
 def _check_choice(name: str, value, choices) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
@@ -124,6 +156,7 @@ def _check_embeddings(x, y):
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor_layout(name, t)
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
         if t.dim() not in (2, 3):
@@ -153,6 +186,7 @@ def _check_targets(targets, N: int, M: int, device: torch.device, checking_value
         return torch.arange(N, device=device)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be an integer torch.Tensor, got {type(targets).__name__}")
+    check_tensor_layout("targets", targets)
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
     if targets.shape != (N,):
@@ -167,10 +201,12 @@ def _check_targets(targets, N: int, M: int, device: torch.device, checking_value
 
 
 def _per_sample(name: str, value: Union[float, torch.Tensor], H: int, N: int, device, cdt, checking_values,
-                *, positive: bool) -> torch.Tensor:
-    """A float, 0-dim, [N] or [H, N] value as an [H, N] tensor (a broadcast view: gradients sum back)."""
-    rule = "finite and > 0" if positive else "finite"
+                *, positive: bool, upper: Optional[float] = None) -> torch.Tensor:
+    """A float, 0-dim, [N] or [H, N] value as an [H, N] tensor (a broadcast view: gradients sum back).
+
+    Values must be finite in ``cdt`` (and > 0 if ``positive``); above ``upper`` a temperature is a logit scale."""
     if isinstance(value, torch.Tensor):
+        check_tensor_layout(name, value)
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != device:
@@ -180,16 +216,118 @@ def _per_sample(name: str, value: Union[float, torch.Tensor], H: int, N: int, de
             raise ValueError(f"{name} must have shape {allowed} with N={N}, H={H}; got {tuple(value.shape)}")
         cast = value.to(cdt)  # checked after the cast: 1e-50 is > 0 in fp64 but 0 in fp32
         if checking_values and cast.numel() > 0:
-            ok = torch.isfinite(cast).all() & ((cast > 0).all() if positive else True)
-            if not bool(ok):
-                raise ValueError(f"{name} must be {rule} in {cdt}; got values in "
-                                 f"[{float(value.min())}, {float(value.max())}]")
+            _check_values(name, value, cast, cdt, positive, upper)
         return cast.expand(H, N)
     if isinstance(value, bool) or not isinstance(value, Real):
         kinds = "a float, a 0-dim or [N] tensor" + (" or mk.DySTreSS(...)" if positive else "")
         raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+    cast = _scalar_in_dtype(name, value, cdt, positive=positive)
+    if upper is not None and float(value) > upper:
+        raise ValueError(logit_scale_message(name, float(value)))
+    return cast.to(device).view(1, 1).expand(H, N)
+
+
+def _check_values(name: str, value: torch.Tensor, cast: torch.Tensor, cdt, positive: bool,
+                  upper: Optional[float]) -> None:
+    # One reduction and one device sync for every rule together (a learnable τ is checked on every call); the
+    # second look, to say which rule failed, only runs on the error path.
+    ok = torch.isfinite(cast).all()
+    if positive:
+        ok = ok & (cast > 0).all()
+    if upper is not None:
+        ok = ok & (cast <= upper).all()
+    if bool(ok):
+        return
+    if upper is not None and bool(torch.isfinite(cast).all() & (cast > 0).all()):
+        raise ValueError(logit_scale_message(f"{name} (its largest element)", float(cast.detach().max())))
+    raise ValueError(f"{name} must be {_rule(positive)} in {cdt}; got values in "
+                     f"[{float(value.detach().min())}, {float(value.detach().max())}]")
+
+
+def _scalar_in_dtype(name: str, value: Real, cdt, *, positive: bool) -> torch.Tensor:
+    """A Python number as a 0-dim CPU tensor of ``cdt``, finite (and > 0) after the cast."""
     value = float(value)
     cast = torch.tensor(value, dtype=torch.float64).to(cdt)  # 1e300 is finite in fp64, inf in fp32
     if not bool(torch.isfinite(cast)) or (positive and not bool(cast > 0)):
-        raise ValueError(f"{name} must be {rule} in {cdt}, got {value}")
-    return cast.to(device).view(1, 1).expand(H, N)
+        raise ValueError(f"{name} must be {_rule(positive)} in {cdt}, got {value}")
+    return cast
+
+
+def _rule(positive: bool) -> str:
+    return "finite and > 0" if positive else "finite"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NT-Xent (SimCLR): two views of one batch.
+
+@dataclass(frozen=True)
+class NTXentProblem:
+    z1: torch.Tensor  # [H, B, D] first view
+    z2: torch.Tensor  # [H, B, D] second view
+    tau: Optional[torch.Tensor]  # [H, 2B] per-anchor temperature (None: DySTreSS); anchors of z1, then of z2
+    reduction: str
+    has_heads: bool
+    request: StatsRequest
+
+
+def validate_nt_xent(z1, z2, *, temperature, decoupled, reduction, normalize, backend, deterministic,
+                     distributed=False) -> NTXentProblem:
+    """The arguments of ``mk.nt_xent``. ``temperature``: a float, 0-dim, [B] per sample (both views of sample i use
+    τ_i), [2B] per anchor (z1's anchors, then z2's), [H, B] / [H, 2B], or ``DySTreSS``. ``distributed``: B is this
+    rank's share; the global B ≥ 2 is checked by ``mmts_kernels.distributed``."""
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("backend", backend, BACKENDS)
+    for name, flag in (("decoupled", decoupled), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {type(deterministic).__name__}")
+    z1, z2, has_heads = _check_views(z1, z2)
+    H, B, _ = z1.shape
+    if B < 2 and not distributed:
+        raise ValueError(f"z1 and z2 must hold at least 2 samples (B={B}): a view's anchor needs a negative "
+                         "besides its own other view")
+    on_meta = z1.device.type == "meta"
+    checking_values = not torch.compiler.is_compiling() and not on_meta
+    cdt = compute_dtype(z1.dtype)
+    tau, dystress = check_temperature(_per_anchor(temperature, H, B), H, 2 * B, z1.device, cdt, checking_values)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    request = StatsRequest(lse=True, ws=tau is not None and tau.requires_grad, dystress=dystress,
+                           deterministic=deterministic, decoupled=decoupled)
+    return NTXentProblem(z1, z2, tau, reduction, has_heads, request)
+
+
+def _check_views(z1, z2):
+    for name, t in (("z1", z1), ("z2", z2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor_layout(name, t)
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must have shape [B, D] or [H, B, D], got {tuple(t.shape)}")
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 are two views of the same batch and must have the same shape, got z1: "
+                         f"{tuple(z1.shape)}, z2: {tuple(z2.shape)}")
+    if z1.dtype != z2.dtype:
+        raise TypeError(f"z1 and z2 must have the same dtype, got z1: {z1.dtype}, z2: {z2.dtype}")
+    if z1.device != z2.device:
+        raise ValueError(f"z1 and z2 must be on the same device, got z1: {z1.device}, z2: {z2.device}")
+    if z1.numel() == 0:
+        raise ValueError(f"z1 must be non-empty, got shape {tuple(z1.shape)}")
+    has_heads = z1.dim() == 3
+    return (z1, z2, has_heads) if has_heads else (z1.unsqueeze(0), z2.unsqueeze(0), has_heads)
+
+
+def _per_anchor(temperature, H: int, B: int):
+    """A per-sample [B] / [H, B] temperature repeated for both views ([2B] / [H, 2B]: anchor i and B + i share
+    τ_i); every other value as given (its shape is checked against 2B next)."""
+    if not isinstance(temperature, torch.Tensor) or temperature.dim() == 0:
+        return temperature
+    if temperature.shape in ((B,), (H, B)):
+        return torch.cat((temperature, temperature), dim=-1)  # gradients of both anchors sum into τ_i
+    if temperature.shape not in ((2 * B,), (H, 2 * B)):
+        raise ValueError(f"temperature must be a float, 0-dim, [B] (per sample) or [2B] (per anchor) tensor, or "
+                         f"[H, B] / [H, 2B] with heads, with B={B}, H={H}; got {tuple(temperature.shape)}")
+    return temperature

@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # Without a GPU the Triton kernels run under Triton's interpreter. It must be chosen before triton is first imported
-# (import mmts_kernels imports torch._dynamo, which imports triton.language); on a CUDA machine nothing changes.
+# (import mmts_kernels does not import it; torch._dynamo does, i.e. torch.compile and opcheck, and so does the triton
+# backend's first use); on a CUDA machine nothing changes.
 # An inherited TRITON_INTERPRET=0 is kept: the triton backend then cannot run, which is a skip on a user's machine
 # and an error where triton is required.
 if not torch.cuda.is_available():

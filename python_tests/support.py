@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import mmts_kernels as mk
 from mmts_kernels import losses, reference
+from mmts_kernels.temperature import MAX_TEMPERATURE
 from mmts_kernels.validation import validate
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
@@ -114,8 +115,8 @@ def cases(draw, max_n: int = 64, max_d: int = 64, dtypes=(torch.float32,), heads
     symmetric = draw(st.booleans())
     N = draw(st.integers(2 if symmetric else 1, max_n))
     M = N if symmetric else draw(st.integers(2, max_n))
-    tau_lo = draw(st.floats(1e-3, 10.0))
-    tau_hi = draw(st.floats(tau_lo, min(10.0, 4 * tau_lo)))
+    tau_lo = draw(st.floats(1e-3, MAX_TEMPERATURE))
+    tau_hi = draw(st.floats(tau_lo, min(MAX_TEMPERATURE, 4 * tau_lo)))
     return Case(
         N=N, M=M, D=draw(st.integers(1, max_d)),
         H=draw(st.sampled_from((None, 1, 3))) if heads else None,

@@ -1,14 +1,18 @@
 """Smoke tests of the benchmark commands (`python -m bench`, `bench.gpu_check`, `bench.cpp_vs_gemm`,
-`bench.plot_schedule`) at tiny sizes, plus the pieces they rest on: the competitor losses, the chunked float64
-reference, the CPU peak-memory probe, FLOP counting, repeat spreads and file names that never overwrite.
+`bench.plot_schedule`) at tiny sizes, plus the pieces they rest on: the worker pool (one process per backend, a
+hung or failed worker costing its cell only, Ctrl-C keeping what finished), the 120-column table, the loss registry,
+the competitor losses, the chunked float64 reference, the CPU peak-memory probe, adaptive repeats, FLOP counting,
+repeat spreads and file names that never overwrite.
 The long-tail experiment (`python -m bench.longtail`) is tested in test_longtail.py."""
 from __future__ import annotations
 
 import csv
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -17,25 +21,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench` is not an installed package: import it from the checkout
 
 import mmts_kernels as mk  # noqa: E402
-from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report, triton_sweep  # noqa: E402
-from bench.__main__ import run_grouped  # noqa: E402
-from bench.timing import PeakMemory, Timing, cpu_probe_reason, measure_ms  # noqa: E402
+from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report, triton_sweep, worker  # noqa: E402
+from bench.__main__ import WorkerPool, parse_args, plan, result_rows, run_cells  # noqa: E402
+from bench.timing import (PeakMemory, Timing, adaptive_enough, cpu_probe_reason, forward_backward_peaks,  # noqa: E402
+                          measure_ms, time_forward_backward)
 from support import backend_marker  # noqa: E402
 
 HEADER = "device,backend,loss,dtype,N,M,D,pass,ms_median,peak_mem_bytes,tflops,ms_q1,ms_q3,repeats"
 CPP = pytest.mark.skipif(mk.backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
                          reason=f"cpp backend: {mk.backends.unavailable_reason('cpp', torch.device('cpu'))}")
+TINY = ["--sizes", "64", "--repeats", "1", "--no-plot", "--no-progress", "--losses", "infonce", "--threads", "1"]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def _run(args, timeout=300, **env_extra):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=dict(_env(), **env_extra), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _bench_csv(tmp_path, *extra):
-    proc = _run(["-m", "bench", "--sizes", "64", "--repeats", "1", "--no-plot", "--no-progress", "--losses", "infonce",
-                 "--threads", "1", "--out-dir", str(tmp_path), *extra])
+    proc = _run(["-m", "bench", *TINY, "--out-dir", str(tmp_path), *extra])
     assert proc.returncode == 0, proc.stderr[-2000:]
     [csv_path] = [p for p in tmp_path.iterdir() if p.suffix == ".csv"]
     lines = csv_path.read_text().splitlines()
@@ -53,19 +61,29 @@ def _assert_measured(rows, backends):
         assert float(r["ms_q1"]) <= float(r["ms_median"]) <= float(r["ms_q3"]) and r["repeats"] == "1"
 
 
+def _assert_fits(text):
+    too_wide = [line for line in text.splitlines() if len(line) > report.WIDTH]
+    assert not too_wide, too_wide
+
+
 def test_bench_torch_and_openclip_cells(tmp_path):
     proc, csv_path, rows = _bench_csv(tmp_path, "--backends", "torch", "openclip")
     _assert_measured(rows, ["torch", "openclip"])
     md = csv_path.with_suffix(".md").read_text()
     assert "openclip" in md and "command" in md and torch.__version__ in md
+    assert "load average at the start" in md and "status**: complete: 3 of 3 cells" in md
     assert "## GEMM rate" in md and "ceiling" not in md.lower() and "spread" in md
-    assert "fwd+bwd ms" in proc.stdout  # the table on stdout
+    out = proc.stdout
+    assert out.count(report.table_header()) == 2  # before the lines as they come, and above the whole table
+    streamed = out[:out.index("complete: 3 of 3 cells")]
+    assert "torch" in streamed and "openclip" in streamed and "── infonce, float32, D = 256" in streamed
+    _assert_fits(out[:out.index("wrote:")])  # all but the file names
 
 
 @CPP
 def test_bench_cpp_and_torch_compile_cells(tmp_path):
-    # one worker process per backend (the GPU path): torch.compile compiles once, not once per measurement
-    _, _, rows = _bench_csv(tmp_path, "--backends", "cpp", "torch_compile", "--workers", "per-backend")
+    # one worker process per backend: torch.compile compiles once per cell, not once per measurement
+    _, _, rows = _bench_csv(tmp_path, "--backends", "cpp", "torch_compile")
     _assert_measured(rows, ["cpp", "torch_compile"])
 
 
@@ -78,33 +96,174 @@ def test_bench_runs_never_overwrite(tmp_path):
     report.write_csv([], later + ".csv")
     with pytest.raises(FileExistsError):
         report.write_csv([], later + ".csv")
+    with pytest.raises(FileExistsError):
+        report.start_csv(later + ".csv")
 
 
-def test_grouped_worker_runs_cells_in_one_process_and_skips_after_a_failure():
-    """The GPU path (all cells of a backend in one worker process), here on CPU: results arrive per cell, a backend
-    that fails is not tried again for that dtype, and the rows carry the spread of the repeats."""
-    base = dict(dtype="float32", D=8, device="cpu", repeats=2, threads=1, loss="infonce")
-    specs = [dict(base, backend="torch", N=16), dict(base, backend="torch", N=32),
+def test_ctrl_c_keeps_what_finished(tmp_path):
+    """SIGINT to a running `python -m bench`, once its first line has printed: it stops, exits 130, prints the
+    table of the cells that finished, and the CSV and markdown on disk hold exactly those cells. (2000 repeats
+    make each cell last about a second, so the run is still going when the signal comes.)"""
+    args = [sys.executable, "-m", "bench", "--backends", "torch", "openclip", "--sizes", "32", "48", "64", "80", "96",
+            "--dims", "8", "--repeats", "2000", "--no-gemm", "--no-plot", "--no-progress", "--threads", "1",
+            "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # lines come as cells finish: interrupt after the first one
+            lines.append(line)
+            if line.split()[:2] == ["32", "torch"]:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted (Ctrl-C)" in out
+    [csv_path] = list(tmp_path.glob("*.csv"))
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    cells = {(r["backend"], r["loss"], r["N"]) for r in rows}
+    assert ("torch", "infonce", "32") in cells and len(cells) < 2 * 2 * 5  # it stopped early
+    assert len(rows) == 3 * len(cells)  # whole cells only, every pass of each
+    assert all(math.isfinite(float(r["ms_median"])) for r in rows)
+    md = csv_path.with_suffix(".md").read_text()
+    assert f"interrupted (Ctrl-C): {len(cells)} of 20 cells measured" in md
+    assert md.count("| infonce | float32 |") + md.count("| max_margin | float32 |") == len(cells)
+    table = out[out.index("interrupted (Ctrl-C)"):]
+    assert report.table_header() in table and "   32 torch" in table
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+POOL_CELL = dict(dtype="float32", D=8, device="cpu", repeats=2, threads=1, loss="infonce", group="infonce")
+
+
+def test_worker_pool_one_process_per_backend_and_skips_after_a_failure():
+    """Cells of one backend run in one worker process, each backend in its own, the memory in a third; a backend
+    whose cell fails is not tried again for that dtype; results arrive in order, with the spread of the repeats."""
+    base = POOL_CELL
+    specs = [dict(base, backend="torch", N=16), dict(base, backend="openclip", N=16), dict(base, backend="torch", N=32),
              dict(base, backend="no_such_backend", N=16), dict(base, backend="no_such_backend", N=32)]
     got = []
-    run_grouped(specs, timeout=120, on_result=lambda spec, res: got.append((spec["backend"], spec["N"], res)))
-    assert [(b, n) for b, n, _ in got] == [("torch", 16), ("torch", 32), ("no_such_backend", 16),
-                                           ("no_such_backend", 32)]
-    for _, _, res in got[:2]:
+    pool = WorkerPool(threading.Event())
+    try:
+        run_cells(specs, pool, timeout=120, on_result=lambda spec, res: got.append((spec["backend"], spec["N"], res)))
+    finally:
+        pool.close()
+    assert [(b, n) for b, n, _ in got] == [(s["backend"], s["N"]) for s in specs]
+    torch16, openclip16, torch32 = (res for _, _, res in got[:3])
+    assert torch16["pid"] == torch32["pid"] != openclip16["pid"]
+    assert torch16["memory_pid"] == openclip16["memory_pid"] not in (torch16["pid"], openclip16["pid"])
+    for res in (torch16, torch32):
         full = {r["pass"]: r for r in res["rows"]}["full"]
         assert full["ms"] > 0 and full["repeats"] == 2 and full["ms_q1"] <= full["ms"] <= full["ms_q3"]
-    assert got[2][2]["rows"] == [] and got[2][2]["note"]
-    assert got[3][2]["note"].endswith("(at N=16)")  # not tried again
+        assert full["mem"] is not None
+    assert got[3][2]["rows"] == [] and got[3][2]["note"]
+    assert got[4][2]["note"].endswith("(at N=16)")  # not tried again
 
 
-def test_grouped_worker_past_its_timeout_costs_its_cell_and_restarts():
+def test_worker_past_its_timeout_costs_its_cell_and_restarts():
     """A worker silent for longer than the timeout is killed; its cell gets the note, the next cell a fresh worker
-    (here every start outlasts a 0.2 s timeout, so both cells time out, in order)."""
-    base = dict(D=8, device="cpu", repeats=1, threads=1, loss="infonce", backend="torch", N=16)
+    (each cell here needs well over 0.2 s: six fwd+bwd of the reference at N = 2048, so both time out, in order)."""
+    base = dict(POOL_CELL, backend="torch", N=2048, D=256, repeats=5)
     got = []
-    run_grouped([dict(base, dtype="float32"), dict(base, dtype="float64")], timeout=0.2,
-                on_result=lambda spec, res: got.append((spec["dtype"], res)))
-    assert [(d, r["note"]) for d, r in got] == [("float32", "timed out after 0 s"), ("float64", "timed out after 0 s")]
+    pool = WorkerPool(threading.Event())
+    try:
+        run_cells([dict(base, dtype="float32"), dict(base, dtype="float64")], pool, timeout=0.2,
+                  on_result=lambda spec, res: got.append((spec["dtype"], res)))
+    finally:
+        pool.close()
+    assert [(d, r["note"]) for d, r in got] == [("float32", "timed out after 0 s (measuring)"),
+                                                ("float64", "timed out after 0 s (measuring)")]
+
+
+def test_memory_worker_reads_each_cell_as_a_fresh_process_does():
+    """The peak memory of a cell measured in the shared memory worker, after bigger cells of other backends, equals
+    that of a fresh worker (every large buffer is its own mapping there, so nothing freed earlier is reused unseen)."""
+    if cpu_probe_reason() is not None:
+        pytest.skip(cpu_probe_reason())
+    cell = dict(POOL_CELL, D=64, backend="torch", N=384, measure="memory")
+    shared = WorkerPool(threading.Event())
+    fresh = WorkerPool(threading.Event(), fresh=True)
+    try:
+        for earlier in (dict(cell, N=512, backend="openclip"), dict(cell, N=448)):
+            shared.ask("memory", earlier, timeout=120)
+        got = {name: {r["pass"]: r["mem"] for r in pool.ask("memory", cell, timeout=120)["rows"]}
+               for name, pool in (("shared", shared), ("fresh", fresh))}
+    finally:
+        shared.close()
+        fresh.close()
+    assert got["fresh"]["full"] >= 384 * 384 * 4  # at least S
+    for p in ("forward", "backward", "full"):
+        assert abs(got["shared"][p] - got["fresh"][p]) <= max(0.1 * got["fresh"][p], 2**19), (p, got)
+
+
+def test_a_new_loss_is_one_entry(monkeypatch):
+    """A new loss row of the benchmark is one ``worker.LOSSES`` entry: the command line offers it, the plan
+    measures it on every backend, the worker runs the library and the plain-PyTorch version."""
+    def rows_only(x, y, tau, backend):
+        return mk.info_nce(x, y, tau, backend=backend, symmetric=False, targets=torch.arange(x.shape[0]))
+
+    def plain(x, y, tau):
+        return competitors.openclip_infonce(x, y, tau, targets=torch.arange(x.shape[0]))
+
+    entry = worker.BenchLoss(rows_only, plain, (0.05, 0.15), "one-directional InfoNCE")
+    monkeypatch.setitem(worker.LOSSES, "infonce_rows", entry)
+    args = parse_args(["--losses", "infonce_rows", "--sizes", "24", "--dims", "8", "--repeats", "1", "--no-gemm"])
+    cells = plan(args, torch.device("cpu"), ["torch", "openclip"])
+    assert [(c["backend"], c["loss"]) for c in cells] == [("torch", "infonce_rows"), ("openclip", "infonce_rows")]
+    rows = []
+    for spec in cells:
+        rows += result_rows(spec, worker.measure_cell(dict(spec, measure="both")), "cpu")
+    assert all(math.isfinite(r["ms_median"]) and r["peak_mem_bytes"] >= 0 for r in rows)
+    x, y, tau = worker.make_inputs(24, 8, torch.float64, torch.device("cpu"), "infonce_rows")
+    assert entry.library(x, y, tau, "torch").item() == pytest.approx(entry.plain(x, y, tau).item(), rel=1e-12)
+    assert "infonce_rows" in report.format_table(rows)
+
+
+def test_table_fits_120_columns():
+    """Whatever the numbers, names and notes, no line of the terminal table is wider than 120 characters."""
+    base = dict(device="d", loss="max_margin", dtype="bfloat16", N=65536, M=65536, D=1024, tflops=123.456, repeats=5,
+                ms_q1=math.nan, ms_q3=math.nan, peak_mem_bytes=2**45)
+    long_note = "worker exited with code -9: " + "a very long compiler complaint " * 12
+    rows = [dict(base, backend=b, **{"pass": p}, ms_median=ms, note=long_note if b == "cpp" else "")
+            for b, ms in (("torch", 9.87e6), ("openclip_compile", 0.001234), ("cpp", 12345.678))
+            for p in ("forward", "backward", "full")]
+    rows.append(dict(base, backend="gemm", loss="none", **{"pass": "forward"}, ms_median=3.2, note=""))
+    text = report.format_table(rows)
+    _assert_fits(text + "\n" + report.LEGEND + "\n" + report.table_header())
+    assert "very long compiler complaint" in text and "openclip_compile" in text
+    assert [len(report.format_line(line)) for line in report.summary(rows)] == [1, 1, 5]  # the note wraps onto 4 lines
+    assert " 33554432 " in text  # 2⁴⁵ bytes in MiB, in its 8 characters
+
+
+def test_adaptive_repeats():
+    """At least ``min_repeats``; a cheap op repeats until 0.3 s of timing; a slow steady one stops at the minimum;
+    a slow noisy one gets up to three times the minimum."""
+    assert not adaptive_enough([1.0, 1.0], 3)
+    assert not adaptive_enough([1.0] * 10, 3) and adaptive_enough([1.0] * 50, 3)  # cheap: more repeats
+    assert adaptive_enough([200.0, 201.0, 199.0], 3)  # slow, steady
+    noisy = [200.0, 400.0, 100.0]
+    assert not adaptive_enough(noisy, 3) and adaptive_enough(noisy * 3, 3)
+    x = torch.randn(64, 8, requires_grad=True)
+    got = time_forward_backward(lambda: (x @ x.T).logsumexp(1).sum(), [x], repeats=4)
+    assert {t.n for t in got.values()} == {4} and x.grad is None
+    assert got["forward"].median <= got["full"].median and got["backward"].median <= got["full"].median
+    adaptive = time_forward_backward(lambda: (x @ x.T).logsumexp(1).sum(), [x])
+    assert adaptive["full"].n >= 3 and sum([adaptive["full"].median] * adaptive["full"].n) > 0
+
+
+def test_forward_backward_peaks_from_one_call():
+    """A forward that makes a 64 MiB temporary and a backward that makes a 64 MiB gradient: each pass's growth is
+    64 MiB, and the whole is 64 MiB too (the temporary is gone before the gradient comes)."""
+    if cpu_probe_reason() is not None:
+        pytest.skip(cpu_probe_reason())
+    x = torch.ones(16 * 2**20, requires_grad=True)
+    (x * 2.0).sum().backward()  # warm-up, as the worker does: thread pools start here, not in the measurement
+    x.grad = None
+    got = forward_backward_peaks(lambda: (x * 2.0).sum(), torch.device("cpu"))
+    mib = {p: v / 2**20 for p, v in got.items()}
+    assert abs(mib["forward"] - 64) <= 2 and abs(mib["backward"] - 64) <= 2 and abs(mib["full"] - 64) <= 2, mib
 
 
 def test_noisy_cells_are_flagged():

@@ -55,9 +55,9 @@ def _rows(table, kernel):
 
 def test_every_loss_mode_compiles(table):
     kernels = {r["kernel"] for r in table}
-    assert {"tile_kernel", "merge_kernel", "ds_kernel", "pos_kernel"} <= kernels
+    assert {"tile_kernel", "merge_kernel", "ds_kernel", "pos_kernel", "topk_kernel"} <= kernels
     cases = {(r["case"], r["dtype"], r["precision"]) for r in table}
-    assert len(cases) == 11, sorted(cases)
+    assert len(cases) == 17 + 5, sorted(cases)  # + 5: the top-k statistic
 
 
 def test_tiles_run_on_tensor_cores_with_a_copy_pipeline(table):

@@ -1,6 +1,8 @@
 """Every bad input of DESIGN §7 raises ValueError/TypeError naming the argument, before any backend runs."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -195,3 +197,146 @@ def test_validation_runs_before_any_backend(monkeypatch):
     with pytest.raises(ValueError):
         mk.info_nce(x4, y4, temperature=-1.0, backend="torch")
     assert not calls
+
+
+# Tensors that are not dense and strided: each used to pass validation and fail inside torch or a kernel.
+LAYOUTS = {
+    "sparse_coo": lambda t: t.to_sparse(),
+    "sparse_csr": lambda t: t.to_sparse_csr(),  # 2-D tensors only
+    "mkldnn": lambda t: t.to_mkldnn(),  # float32 only
+    "nested": lambda t: torch.nested.nested_tensor([t]),
+    "jagged": lambda t: torch.nested.nested_tensor([t], layout=torch.jagged),
+}
+LAYOUT_CASES = [
+    # (argument, layout, kwargs of contrastive_loss with the argument replaced by that layout)
+    *[("x", layout, lambda f: dict(x=f(x4), y=y4)) for layout in LAYOUTS],
+    *[("y", layout, lambda f: dict(x=x4, y=f(y4))) for layout in LAYOUTS],
+    *[("temperature", layout, lambda f: dict(x=x4, y=y4, temperature=f(torch.full((4,), 0.1))))
+      for layout in ("sparse_coo", "mkldnn", "nested", "jagged")],
+    ("temperature", "sparse_csr",
+     lambda f: dict(x=x4[None], y=y4[None], temperature=f(torch.full((1, 4), 0.1)))),  # [H, N]
+    *[("margin", layout, lambda f: dict(x=x4, y=y4, loss="max_margin", margin=f(torch.full((4,), 0.2))))
+      for layout in ("sparse_coo", "mkldnn", "nested")],
+    *[("targets", layout, lambda f: dict(x=x4, y=y5, symmetric=False, targets=f(torch.arange(4))))
+      for layout in ("sparse_coo", "nested")],
+]
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("name,layout,make", LAYOUT_CASES, ids=[f"{n}-{lay}" for n, lay, _ in LAYOUT_CASES])
+def test_non_dense_tensors_are_refused_naming_the_argument(monkeypatch, name, layout, make):
+    from mmts_kernels import reference
+
+    monkeypatch.setattr(reference, "compute_stats", lambda *a, **k: pytest.fail("a backend ran"))
+    with pytest.raises(TypeError, match=f"^{name} must be a dense"):
+        mk.contrastive_loss(**make(LAYOUTS[layout]), backend="torch")
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: mk.amcl_loss(x4.to_sparse(), y4, mk.AMCLTemperatureNet(3)), "z1"),
+    (lambda: mk.AMCLLoss(3)(x4, y4, queue=torch.randn(6, 3).to_sparse()), "queue"),
+    (lambda: mk.amcl_loss(x4, y5, mk.AMCLTemperatureNet(3), form="cross_modal", targets=torch.arange(4).to_sparse()),
+     "targets"),
+    (lambda: mk.ContrastiveLoss(torch.full((4,), 0.1).to_sparse()), "temperature"),
+    (lambda: mk.ContrastiveLoss(loss="max_margin", margin=torch.full((4,), 0.2).to_mkldnn()), "margin"),
+    (lambda: mk.MMTSLoss(torch.tensor([1, 2, 3, 4]).to_sparse(), total_steps=10), "cluster_sizes"),
+    (lambda: mk.MMTSLoss(torch.tensor([1, 2, 3, 4]), total_steps=10)(x4, y4, step=0,
+                                                                       index=torch.arange(4).to_sparse()), "index"),
+    (lambda: mk.schedules.mmts_temperature(0, 10, torch.tensor([1.0, 2.0]).to_mkldnn(), n_min=1, n_max=2),
+     "cluster_sizes"),
+    (lambda: mk.schedules.mmts_temperature(0, 10, torch.tensor([1, 2]), n_min=torch.tensor(1).to_sparse(),
+                                           n_max=2), "n_min"),
+    (lambda: mk.schedules.mmts_temperature(torch.tensor(3.0).to_sparse(), 10, torch.tensor([1, 2]), n_min=1,
+                                           n_max=2), "step"),
+])
+def test_other_entry_points_refuse_non_dense_tensors(call, name):
+    with pytest.raises(TypeError, match=f"^{name} must be a dense"):
+        call()
+
+
+def test_meta_tensors_skip_value_checks_and_refuse_check_finite():
+    """A meta tensor has a shape and no values: the checks on values (τ > 0, targets in range) are skipped, as
+    while torch.compile traces, and check_finite=True, which needs the values, is refused."""
+    meta4, meta5 = torch.empty(4, 3, device="meta"), torch.empty(5, 3, device="meta")
+    out = mk.info_nce(meta4, meta5, torch.full((4,), 0.1, device="meta"), symmetric=False,
+                      targets=torch.arange(4, device="meta"), reduction="none", backend="torch")
+    assert out.device.type == "meta" and out.shape == (4,)
+    with pytest.raises(ValueError, match="^check_finite=True .* meta"):
+        mk.info_nce(meta4, meta4, check_finite=True, backend="torch")
+
+
+def test_dystress_bounds_must_hold_in_the_compute_dtype():
+    """τ_min = 1e-50 is > 0 in fp64 but 0 in fp32 (the loss was NaN); a scalar τ of 1e-50 is refused alike."""
+    x64, y64 = x4.double(), y4.double()
+    tiny = mk.DySTreSS(1e-50, 0.2)
+    with pytest.raises(ValueError, match=r"^temperature \(DySTreSS tau_min\) must be finite and > 0 in torch.float32"):
+        mk.info_nce(x4, y4, tiny, backend="torch")
+    with pytest.raises(ValueError, match="tau_min"):
+        mk.info_nce(x4.half(), y4.half(), tiny, backend="torch")
+    assert torch.isfinite(mk.info_nce(x64, y64, tiny, backend="torch"))  # representable in fp64
+
+
+LOGIT_SCALE = r"above 5: it looks like a logit scale .* 1 / logit_scale"
+
+
+@pytest.mark.parametrize("temperature", [
+    14.3, 100.0, 5.01, 1e300,
+    torch.tensor(1 / 0.07),  # open_clip's model(...) returns logit_scale.exp(), ≈ 14.3
+    torch.tensor(1 / 0.07, dtype=torch.float64, requires_grad=True),
+    torch.tensor([0.1, 0.2, 6.0, 0.1]),  # any element above 5
+    torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 50.0]]),  # [H, N]
+], ids=["14.3", "100", "5.01", "1e300", "0dim", "0dim-grad", "per-sample", "per-head"])
+def test_a_logit_scale_passed_as_temperature_is_refused(temperature):
+    """CLIP code holds logit_scale = 1/τ (≈ 14.3 at init, up to 100); as a temperature it gave loss ≈ log N."""
+    H = temperature.shape[0] if isinstance(temperature, torch.Tensor) and temperature.dim() == 2 else 1
+    x, y = torch.randn(H, 4, 3, dtype=torch.float64), torch.randn(H, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"^temperature.*{LOGIT_SCALE}"):
+        mk.info_nce(x, y, temperature, backend="torch")
+
+
+def test_the_logit_scale_message_leads_to_the_right_loss():
+    x, y = torch.randn(6, 3), torch.randn(6, 3)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # open_clip's parameter: the log
+    with pytest.raises(ValueError, match=LOGIT_SCALE):
+        mk.info_nce(x, y, logit_scale.exp(), backend="torch")
+    expected = mk.info_nce(x, y, 0.07, backend="torch")
+    torch.testing.assert_close(mk.info_nce(x, y, 1 / logit_scale.exp(), backend="torch"), expected)
+    torch.testing.assert_close(mk.info_nce(x, y, logit_scale.exp().reciprocal(), backend="torch"), expected)
+
+
+@pytest.mark.parametrize("temperature", [5.0, 2.0, 1.0, torch.full((4,), 5.0), mk.DySTreSS(0.1, 5.0)],
+                         ids=["5", "amcl-tau-max", "ts-tau-max", "per-sample-5", "dystress-5"])
+def test_temperatures_up_to_the_bound_stay_legal(temperature):
+    assert torch.isfinite(mk.info_nce(x4, y4, temperature, backend="torch"))
+
+
+def test_max_temperature_is_one_constant_used_everywhere():
+    from mmts_kernels import temperature, validation
+
+    assert temperature.MAX_TEMPERATURE == 5.0 and validation.MAX_TEMPERATURE is temperature.MAX_TEMPERATURE
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: mk.DySTreSS(0.1, 14.3), "DySTreSS: tau_max"),
+    (lambda: mk.DySTreSS(6.0, 7.0), "DySTreSS: tau_min"),
+    (lambda: mk.ContrastiveLoss(14.3), "temperature"),
+    (lambda: mk.ContrastiveLoss(1 / 0.07, learnable_temperature=True), "temperature"),
+])
+def test_logit_scales_are_refused_where_temperatures_are_made(call, name):
+    with pytest.raises(ValueError, match=f"^{name} = .*{LOGIT_SCALE}"):
+        call()
+
+
+def test_a_tensor_temperature_costs_one_device_sync(monkeypatch):
+    """Every rule on a tensor τ (finite, > 0, ≤ 5) is read back in one sync: a learnable τ is checked per call."""
+    from mmts_kernels.validation import validate
+
+    syncs = []
+    for method in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        real = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, *a, _real=real, _m=method: syncs.append(_m) or _real(self, *a))
+    tau = torch.full((4,), 0.1, requires_grad=True)
+    validate(x4, y4, loss="infonce", temperature=tau, margin=0.2, hardest_negative=False, targets=None,
+             symmetric=True, reduction="mean", check_finite=False, backend="torch", deterministic=None)
+    assert syncs == ["__bool__"]

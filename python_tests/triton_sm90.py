@@ -33,6 +33,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmts_kernels as mk  # noqa: E402
+import mmts_kernels.topk  # noqa: E402,F401  (mk.topk)
 import mmts_kernels.triton_backend as tb  # noqa: E402
 from mmts_kernels.triton_backend import backward, forward, op  # noqa: E402
 
@@ -62,17 +63,25 @@ def _pretend_gpu(precision: str) -> None:
 
 
 def record(dtype: torch.dtype, precision: str, **loss_kw):
-    """The launches of one forward + backward of ``mk.contrastive_loss(backend="triton", **loss_kw)``."""
+    """The launches of one forward + backward of ``mk.contrastive_loss(backend="triton", **loss_kw)``, or of
+    ``mk.nt_xent`` on two views of n/2 rows each (``ntxent=True``)."""
     _recorded.clear()
     _pretend_gpu(precision)
     g = torch.Generator().manual_seed(0)
     n = loss_kw.pop("n", 512)
     m = loss_kw.pop("m", n)
-    x = torch.randn(n, 64, generator=g).to(dtype).requires_grad_()
-    y = torch.randn(m, 64, generator=g).to(dtype).requires_grad_()
+    ntxent = loss_kw.pop("ntxent", False)
+    k = loss_kw.pop("topk", None)
+    if k is not None:  # the top-k statistic (AMCL's hardest negatives) of n rows against themselves: no backward
+        z, rows = torch.randn(n, 64, generator=g).to(dtype), torch.arange(n)
+        mk.topk.compute_topk(z, z, (rows + n // 2) % n, k, self_cols=rows, backend="triton")
+        return list(_recorded)
+    x = torch.randn(n // 2 if ntxent else n, 64, generator=g).to(dtype).requires_grad_()
+    y = torch.randn(n // 2 if ntxent else m, 64, generator=g).to(dtype).requires_grad_()
     cfg = op.GPU_CONFIG_FP64 if dtype == torch.float64 else op.GPU_CONFIG
     with op.tile_config(cfg):
-        mk.contrastive_loss(x, y, backend="triton", **loss_kw).backward()
+        loss = mk.nt_xent if ntxent else mk.contrastive_loss
+        loss(x, y, backend="triton", **loss_kw).backward()
     return list(_recorded)
 
 
@@ -137,6 +146,20 @@ CASES = [  # (name, dtype, tl.dot precision, loss keywords)
     ("max-margin", torch.bfloat16, "tf32", dict(loss="max_margin", margin="per_sample")),
     ("max-margin", torch.float64, "ieee", dict(loss="max_margin", margin="per_sample")),
     ("max-margin hardest", torch.bfloat16, "tf32", dict(loss="max_margin", hardest_negative=True)),
+    ("infonce DySTreSS detach=False", torch.bfloat16, "tf32", dict(temperature="dystress_grad")),
+    # NT-Xent: the self column masked in the tiles (MASK_SELF), DCL (DECOUPLED), DySTreSS's gradient through τ
+    ("nt_xent per-sample tau", torch.bfloat16, "tf32", dict(ntxent=True, temperature="per_sample_views")),
+    ("nt_xent per-sample tau", torch.float32, "tf32x3", dict(ntxent=True, temperature="per_sample_views")),
+    ("nt_xent DCL", torch.bfloat16, "tf32", dict(ntxent=True, decoupled=True, temperature="per_sample_views")),
+    ("nt_xent DCL DySTreSS detach=False", torch.bfloat16, "tf32",
+     dict(ntxent=True, decoupled=True, temperature="dystress_grad")),
+    ("nt_xent DySTreSS detach=False", torch.float64, "ieee", dict(ntxent=True, temperature="dystress_grad")),
+    # the top-k statistic: K_PAD = 16 (4 warps), 128 (AMCL's k = 100) and 256 (MAX_FUSED_K, 8 warps)
+    ("top-k k=16", torch.bfloat16, "tf32", dict(topk=16)),
+    ("top-k k=100", torch.bfloat16, "tf32", dict(topk=100)),
+    ("top-k k=100", torch.float32, "tf32x3", dict(topk=100)),
+    ("top-k k=100", torch.float64, "ieee", dict(topk=100)),
+    ("top-k k=256", torch.float32, "tf32x3", dict(topk=256)),
 ]
 
 
@@ -144,8 +167,12 @@ def _loss_kwargs(kw: dict, n: int) -> dict:
     kw = dict(kw)
     if kw.get("temperature") == "per_sample":  # learnable: the backward's ws path too
         kw["temperature"] = (0.05 + torch.rand(n)).requires_grad_()
+    elif kw.get("temperature") == "per_sample_views":  # nt_xent: one τ per sample of the n/2
+        kw["temperature"] = (0.05 + torch.rand(n // 2)).requires_grad_()
     elif kw.get("temperature") == "dystress":
         kw["temperature"] = mk.DySTreSS(0.1, 0.2)
+    elif kw.get("temperature") == "dystress_grad":
+        kw["temperature"] = mk.DySTreSS(0.1, 0.2, detach=False)
     if kw.get("margin") == "per_sample":
         kw["margin"] = (0.1 + 0.2 * torch.rand(n)).requires_grad_()
     if kw.get("symmetric") is False:

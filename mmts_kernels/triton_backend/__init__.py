@@ -70,7 +70,7 @@ def _check_mode(x: torch.Tensor) -> None:
                          "kernels are first loaded in this process; it was not set then")
 
 
-def compute_stats(x, y, tau, margin, targets, request: StatsRequest) -> Stats:
+def compute_stats(x, y, tau, margin, targets, request: StatsRequest, self_cols=None) -> Stats:
     """The contract of ``mmts_kernels.stats``: requested fields as [H, N] tensors, differentiable in x, y, τ, m."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"backend='triton' supports float64, float32, bfloat16 and float16 inputs, got {x.dtype}")
@@ -86,9 +86,22 @@ def compute_stats(x, y, tau, margin, targets, request: StatsRequest) -> Stats:
         targets, lse, hinge, hard, lse and request.ws, cols, dystress is not None,
         float(dystress.tau_min) if dystress is not None else 0.0,
         float(dystress.tau_max) if dystress is not None else 0.0,
-        request.deterministic,
+        request.deterministic, self_cols, request.decoupled, dystress is not None and not dystress.detach,
     )
     wanted = {"pos": True, "lse": lse, "hinge": hinge, "cnt": hinge, "hard": hard, "arg": hard,
               "ws": lse and request.ws}
     wanted.update({f"{k}_c": on and cols for k, on in list(wanted.items()) if k != "pos"})
     return Stats(**{name: (out if wanted[name] else None) for name, out in zip(Stats._fields, outs)})
+
+
+def compute_topk(x, y, targets, self_cols, k: int, deterministic: bool) -> torch.Tensor:
+    """The top-k statistic of ``mmts_kernels.topk``: [H, N, k] int64 (``topk.py``; deterministic by construction)."""
+    del deterministic
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"backend='triton' supports float64, float32, bfloat16 and float16 inputs, got {x.dtype}")
+    _ops()  # the interpreter fixes and the tile helpers the top-k kernel shares
+    if not torch.compiler.is_compiling():
+        _check_mode(x)
+    from . import topk
+
+    return torch.ops.mmts_kernels.triton_topk(x, y, targets, self_cols, k)

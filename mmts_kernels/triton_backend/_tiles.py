@@ -5,7 +5,9 @@
                of a program, so Triton software-pipelines its loads (num_stages) as in a plain GEMM.
     logits:    z_ij = S_ij/τ_ij, built the same way in the forward and the backward (``logits``), with the
                positive's as the loss computes it (``exact_positive``).
-    DySTreSS:  τ(s) = τ_min + ½(τ_max − τ_min)(1 + cos(π(1 + s)))  on the (detached) similarity s.
+    DySTreSS:  τ(s) = τ_min + ½(τ_max − τ_min)(1 + cos(π(1 + s)))  on the (detached) similarity s; with the
+               gradient through τ (detach=False) the slope of s/τ(s) is (τ − s·τ'(s))/τ² (``dystress_slope``).
+    excluded:  NT-Xent's per-row excluded column (the anchor itself) and the decoupled positive (``excluded_lse``).
 
 Every index is int64 before it meets a stride, so offsets past 2³¹ elements are exact.
 """
@@ -48,6 +50,25 @@ def dystress_tau(s, tau_min, tau_half_range):
     """Per-pair temperature of DySTreSS; ``tau_half_range`` = ½(τ_max − τ_min), both loaded in s's dtype."""
     return tau_min + tau_half_range * (1.0 + tl.cos((1.0 + s) * PI))  # tensor first: constexpr * tensor is a
     # constexpr under the interpreter of triton ≥ 3.7, which tl.cos then rejects
+
+
+@triton.jit
+def dystress_slope(s, tau, tau_half_range):
+    """∂(s/τ(s))/∂s = (τ − s·τ'(s))/τ², τ'(s) = −½(τ_max − τ_min)·π·sin(π(1 + s)); ``tau`` = τ(s)."""
+    return (tau + s * tau_half_range * PI * tl.sin((1.0 + s) * PI)) / (tau * tau)
+
+
+@triton.jit
+def excluded_lse(is_pos, is_self, MASK_SELF: tl.constexpr, DECOUPLED: tl.constexpr):
+    """Entries left out of row i's log-sum-exp: its own column (MASK_SELF), and its positive when DECOUPLED (DCL).
+    Only called when one of the two is on."""
+    if MASK_SELF:
+        if DECOUPLED:
+            return is_self | is_pos
+        else:
+            return is_self
+    else:
+        return is_pos
 
 
 @triton.jit

@@ -11,6 +11,9 @@ With the upstream gradients g of the statistics (row i, column j of the symmetri
            + g^hinge,c_j · 1[i ≠ j, m_j + S_ij − pos_j > 0]
            + g^hard,c_j · 1[i = arg^c_j]
 
+NT-Xent (row direction): p_ij = 0 at row i's excluded entries (its self column, and t_i when decoupled) and the
+hinge skips the self column. DySTreSS with detach=False (DYS_GRAD): 1/τ_ij becomes the slope of S/τ(S),
+(τ − S·τ'(S))/τ², in both directions.
 (the −cnt g^hinge terms are ∂hinge/∂pos; in the symmetric case the column positive S_jj is pos_j, so both
 directions fold into the one coefficient c on S_{i,t_i}). The one-element terms (positive, hardest negative) are
 added inside the tile, where they cost a compare and a select: applied afterwards they would need a scatter into
@@ -40,13 +43,14 @@ panel mostly from L2); dx's fp32 accumulator read and written once per panel (2�
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dystress_tau, exact_positive, logits, s_tile, tile_has_positive
+from ._tiles import dystress_slope, dystress_tau, exact_positive, excluded_lse, logits, s_tile, tile_has_positive
 from .forward import dot_precision, dot_upcast, dystress_params, kernel_types, panel_width
 
 
@@ -55,14 +59,18 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
             TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
             LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
             LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-            DYS,
+            DYS, SELF,
             LSE_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, COLS: tl.constexpr,
-            DYSTRESS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr):
+            DYSTRESS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
+            MASK_SELF: tl.constexpr, DECOUPLED: tl.constexpr, DYS_GRAD: tl.constexpr):
     """∂L/∂S on one tile (the formula in the module docstring), zero outside the matrix; ``t``: the rows' targets."""
     rv = h * N + rows  # row vectors are [H, N] contiguous, column vectors [H, M]
     cv = h * M + cols
     rows32, cols32 = rows.to(tl.int32), cols.to(tl.int32)  # int32 compares: half the registers of int64
     is_pos = cols32[None, :] == t.to(tl.int32)[:, None]
+    is_self = is_pos  # a placeholder unless MASK_SELF
+    if MASK_SELF:
+        is_self = cols32[None, :] == tl.load(SELF + rows, mask=row_ok, other=-1).to(tl.int32)[:, None]
     c_pos = tl.load(C_POS + rv, mask=row_ok, other=0.0)
     ds = tl.where(is_pos, c_pos[:, None], 0.0).to(ACC)
     if LSE_ON:  # the logits exactly as the forward built them (see _tiles.logits)
@@ -77,7 +85,13 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
             z = logits(S, tau_r, FAST)
             if has_pos_tile:
                 z = exact_positive(z, S, is_pos & row_ok[:, None] & col_ok[None, :], tau_v, 1, FAST)
-        ds += g_r[:, None] * tl.exp(z - lse_r[:, None]) / tau_r
+        p = tl.exp(z - lse_r[:, None])
+        if MASK_SELF or DECOUPLED:
+            p = tl.where(excluded_lse(is_pos, is_self, MASK_SELF, DECOUPLED), 0.0, p)
+        if DYS_GRAD:  # the gradient also flows through τ(S): both directions' weights times one slope, below
+            weight = g_r[:, None] * p
+        else:
+            ds += g_r[:, None] * p / tau_r
         if COLS:  # τ_j of column j: a per-sample τ has N = M entries only in this square case
             if DYSTRESS:
                 tau_c = tau_r
@@ -90,13 +104,21 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
                     zc = exact_positive(zc, S, is_pos & row_ok[:, None] & col_ok[None, :], tau_w, 0, FAST)
             lse_c = tl.load(LSE_C + cv, mask=col_ok, other=0.0)
             g_c = tl.load(G_LSE_C + cv, mask=col_ok, other=0.0)
-            ds += g_c[None, :] * tl.exp(zc - lse_c[None, :]) / tau_c
+            if DYS_GRAD:
+                weight += g_c[None, :] * tl.exp(zc - lse_c[None, :])
+            else:
+                ds += g_c[None, :] * tl.exp(zc - lse_c[None, :]) / tau_c
+        if DYS_GRAD:  # the slope of S/τ(S), (τ − S·τ'(S))/τ², computed once z is no longer needed
+            ds += weight * dystress_slope(S, tau_r, tl.load(DYS + 1))
     if HINGE_ON:
         mar_r = tl.load(MARGIN + h * smar_h + rows * smar_n, mask=row_ok, other=0.0).to(ACC)
         pos_r = tl.load(POS + rv, mask=row_ok, other=0.0)
         gh_r = tl.load(G_HINGE + rv, mask=row_ok, other=0.0)
         v = mar_r[:, None] + S - pos_r[:, None]
-        ds += tl.where(~is_pos & (v > 0), gh_r[:, None], 0.0)
+        if MASK_SELF:
+            ds += tl.where(~is_pos & ~is_self & (v > 0), gh_r[:, None], 0.0)
+        else:
+            ds += tl.where(~is_pos & (v > 0), gh_r[:, None], 0.0)
         if COLS:
             mar_c = tl.load(MARGIN + h * smar_h + cols * smar_n, mask=col_ok, other=0.0).to(ACC)
             pos_c = tl.load(POS + h * N + cols, mask=col_ok, other=0.0)
@@ -118,11 +140,12 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
 def ds_kernel(
     X, Y, DS, SCALE,
     T, TAU, MARGIN, POS, LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG, LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-    N, M, D, cb0, P, DYS,
+    N, M, D, cb0, P, DYS, SELF,
     sxh, sxn, sxd, syh, sym, syd, st, stau_h, stau_n, smar_h, smar_n,
     LSE_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, COLS: tl.constexpr,
     DYSTRESS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    MASK_SELF: tl.constexpr = False, DECOUPLED: tl.constexpr = False, DYS_GRAD: tl.constexpr = False,
 ):
     """DS[h, rows, cols − first column of the panel] = SCALE · ∂L/∂S on one tile, in DS's dtype; [H, N, P]."""
     r = tl.program_id(0).to(tl.int64)
@@ -145,8 +168,8 @@ def ds_kernel(
                  TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
                  LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
                  LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-                 DYS,
-                 LSE_ON, HINGE_ON, HARD_ON, COLS, DYSTRESS, ACC, FAST)
+                 DYS, SELF,
+                 LSE_ON, HINGE_ON, HARD_ON, COLS, DYSTRESS, ACC, FAST, MASK_SELF, DECOUPLED, DYS_GRAD)
     ds = ds * tl.load(SCALE).to(ACC)
     tl.store(DS + (h * N + rows[:, None]) * P + local[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -246,9 +269,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
         torch.mm(a, b, out=out)
 
 
-def grad_scale(x, grads, tau, cdt, dystress, tau_min):
+def grad_scale(x, grads, tau, cdt, dystress, tau_min, slope_bound=None):
     """A power of two s with |s·dS| ≤ 1 everywhere (fp16 only; 1 otherwise), as a 1-element device tensor (no
-    host sync). |dS_ij| ≤ Σ of its coefficients' largest magnitudes, with p ≤ 1 and τ ≥ its smallest value."""
+    host sync). |dS_ij| ≤ Σ of its coefficients' largest magnitudes, with p ≤ 1 and τ ≥ its smallest value.
+    ``slope_bound`` (DySTreSS with detach=False): a bound on |S·τ'(S)|/τ², the slope's part beyond 1/τ."""
     one = torch.ones(1, dtype=cdt, device=x.device)
     if x.dtype != torch.float16:
         return one
@@ -257,13 +281,16 @@ def grad_scale(x, grads, tau, cdt, dystress, tau_min):
         if name in ("lse", "lse_c"):
             low = torch.as_tensor(tau_min, dtype=cdt, device=x.device) if dystress else tau.abs().amin()
             bound = bound + g.abs().amax() / low
+            if slope_bound is not None:
+                bound = bound + g.abs().amax() * slope_bound
         else:
             bound = bound + g.abs().amax()
     return torch.exp2(-torch.ceil(torch.log2(bound))).reshape(1)
 
 
 def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, hard, ws, cols, dystress, tau_min,
-                    tau_max, need_x, need_y, need_tau, need_margin, cfg):
+                    tau_max, need_x, need_y, need_tau, need_margin, cfg, self_cols=None, decoupled=False,
+                    dys_grad=False):
     """Gradients of x, y (kernel + GEMMs), tau and margin (O(N) closed forms); None for what is not needed.
 
     ``saved`` and ``grads`` map the ``Stats`` field names to the forward outputs and their upstream gradients
@@ -296,7 +323,11 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         coefficients = {"pos": c_pos, "hinge": g_hinge, "hinge_c": g_hinge_c, "hard": g_hard, "hard_c": g_hard_c}
         if lse:
             coefficients.update(lse=g_lse, lse_c=g_lse_c)
-        scale = grad_scale(x, coefficients, tau, cdt, dystress, tau_min)
+        slope_bound = None
+        if dys_grad and dystress and x.dtype == torch.float16:  # |S| ≤ max‖x_i‖·max‖y_j‖, |τ'| ≤ ½(τ_max − τ_min)π
+            s_max = x.to(cdt).norm(dim=-1).amax() * y.to(cdt).norm(dim=-1).amax()
+            slope_bound = s_max * (0.5 * (tau_max - tau_min) * math.pi) / tau_min ** 2
+        scale = grad_scale(x, coefficients, tau, cdt, dystress, tau_min, slope_bound)
         dummy = saved["pos"]  # any valid pointer for the arguments a configuration never reads
         dys = dystress_params(x, cdt, tau_min, tau_max) if dystress else dummy
         pick = lambda name, on: saved[name] if on else dummy  # noqa: E731
@@ -308,6 +339,7 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
                    pick("arg", hard), pick("lse_c", lse and cols), g_lse_c, g_hinge_c, g_hard_c,
                    pick("arg_c", hard and cols))
         flags = dict(LSE_ON=lse, HINGE_ON=hinge, HARD_ON=hard, COLS=cols, DYSTRESS=dystress,
+                     MASK_SELF=self_cols is not None, DECOUPLED=decoupled and lse, DYS_GRAD=dys_grad and dystress,
                      BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, ACC=acc, PRECISION=precision,
                      UPCAST=upcast, FAST=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      enable_fp_fusion=False)  # no FMA contraction: z − lse must round as in the forward
@@ -329,6 +361,7 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
             c0, c1 = cb0 * bm, min(M, cb0 * bm + P)
             ds_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(c1 - c0, bm), H)](
                 x, y, ds, scale, *vectors, N, M, D, cb0, P, dys,
+                self_cols.contiguous() if self_cols is not None else targets,
                 *x.stride(), *y.stride(), targets.stride(0), *stau, *smar, **flags)
             for h in range(H):
                 panel = ds[h, :, : c1 - c0]

@@ -18,6 +18,10 @@ One program per tile. The columns are cut into panels (usually one: see ``panel_
      The log-sum-exp merge (m, l) ⊕ (m', l') = (max, l e^{m−max} + l' e^{m'−max}) is exact in any scale, so any
      input norm and τ down to 1e-3 stay finite (no fixed shift that assumes unit-norm rows).
 
+NT-Xent (row direction only): with MASK_SELF, row i leaves out column self_i (the anchor itself) from every
+statistic; with DECOUPLED, its positive from the log-sum-exp. An excluded logit is −inf, its e^{z − m} exactly 0;
+a short last tile may hold only excluded columns of a row, whose partial is then (m = −inf, l = 0).
+
 pos_i = S_{i,t_i} is stored by the one tile that holds column t_i — the very value its log-sum-exp saw — and that
 tile's logit of the positive is pos_i/τ_i by IEEE division, bitwise what the loss subtracts, so every InfoNCE term
 lse_i − pos_i/τ_i ≥ 0 in floating point too (the other logits are S·(1/τ), an ulp of |S|/τ apart: −6e-5 at
@@ -37,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (dystress_tau, exact_positive, hardest, logits, merge_hardest, relu_keep_nan, s_tile,
-                     tile_has_positive)
+from ._tiles import (dystress_tau, exact_positive, excluded_lse, hardest, logits, merge_hardest, relu_keep_nan,
+                     s_tile, tile_has_positive)
 
 
 @triton.jit
@@ -62,7 +66,7 @@ def pos_kernel(X, Y, T, POS, N, D, sxh, sxn, sxd, syh, sym, syd, st,
 
 @triton.jit(do_not_specialize=["N", "M", "cb0", "C", "P", "st", "stau_h", "stau_n", "smar_h", "smar_n"])
 def tile_kernel(
-    X, Y, T, TAU, MARGIN, POS,
+    X, Y, T, TAU, MARGIN, POS, SELF,
     R_MAX, R_SUM, R_WS, R_HINGE, R_CNT, R_HARD, R_ARG,      # row partials    [H, C, N]
     C_MAX, C_SUM, C_WS, C_HINGE, C_CNT, C_HARD, C_ARG,      # column partials [H, R, P]
     N, M, D, cb0, C, P, DYS,
@@ -71,6 +75,7 @@ def tile_kernel(
     COLS: tl.constexpr, DYSTRESS: tl.constexpr, POS_FROM_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    MASK_SELF: tl.constexpr = False, DECOUPLED: tl.constexpr = False,
 ):
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)  # column block within the panel
@@ -95,6 +100,10 @@ def tile_kernel(
     rows32, cols32 = rows.to(tl.int32), cols.to(tl.int32)
     is_pos = cols32[None, :] == t.to(tl.int32)[:, None]
     neg = valid & ~is_pos  # the negatives of row i: j ≠ t_i
+    is_self = is_pos  # a placeholder unless MASK_SELF
+    if MASK_SELF:  # …and j ≠ self_i
+        is_self = cols32[None, :] == tl.load(SELF + rows, mask=row_ok, other=-1).to(tl.int32)[:, None]
+        neg = neg & ~is_self
     rp = (h * C + c) * N + rows  # this tile's slot in the row partials
     cp = (h * R + r) * P + local  # … and in the column partials
     if POS_FROM_TILE:
@@ -116,8 +125,13 @@ def tile_kernel(
             if has_pos_tile:
                 z = exact_positive(z, S, valid & is_pos, tau_r, 1, FAST)
         z_row = tl.where(col_ok[None, :], z, float("-inf"))
-        p_max = tl.max(z_row, axis=1)
-        e = tl.exp(z_row - p_max[:, None])
+        if MASK_SELF or DECOUPLED:
+            z_row = tl.where(excluded_lse(is_pos, is_self, MASK_SELF, DECOUPLED), float("-inf"), z_row)
+            p_max = tl.max(z_row, axis=1)
+            e = tl.exp(z_row - tl.where(p_max == float("-inf"), 0.0, p_max)[:, None])  # not −inf − (−inf)
+        else:
+            p_max = tl.max(z_row, axis=1)
+            e = tl.exp(z_row - p_max[:, None])
         tl.store(R_MAX + rp, p_max, mask=row_ok)
         tl.store(R_SUM + rp, tl.sum(e, axis=1), mask=row_ok)
         if WS_ON:
@@ -280,11 +294,13 @@ def panel_width(N: int, M: int, D: int, per_column: int, block_m: int) -> int:
 
 
 def launch_forward(x, y, tau, margin, targets, *, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max,
-                   deterministic, cfg):
+                   deterministic, cfg, self_cols=None, decoupled=False, dys_grad=False):
     """Allocate the statistics (O(H·(N+M))) and the partials, run the panels, return the 13 tensors of ``Stats``
     in field order; fields not requested are empty tensors. ``deterministic`` needs nothing: every merge has a
     fixed order."""
-    del deterministic
+    del deterministic, dys_grad  # the forward's values do not depend on where the gradient flows
+    if cols and (self_cols is not None or decoupled):
+        raise ValueError("triton backend: self_cols / decoupled are row statistics (cols=False)")
     H, N, D = x.shape
     M = y.shape[1]
     cdt, acc, fast = kernel_types(x)
@@ -339,11 +355,13 @@ def launch_forward(x, y, tau, margin, targets, *, lse, hinge, hard, ws, cols, dy
     for cb0 in range(0, num_c, C):
         c_here = min(C, num_c - cb0)
         tile_kernel[(R, c_here, H)](
-            x, y, targets, tau_arg, mar_arg, pos, *r_part, *c_part,
+            x, y, targets, tau_arg, mar_arg, pos, self_cols.contiguous() if self_cols is not None else targets,
+            *r_part, *c_part,
             N, M, D, cb0, C, P, dys,
             *x.stride(), *y.stride(), targets.stride(0), *stau, *smar,
             **flags, COLS=cols, DYSTRESS=dystress, POS_FROM_TILE=not hinge,
             BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=cfg.block_d, ACC=acc, PRECISION=precision, UPCAST=upcast, FAST=fast,
+            MASK_SELF=self_cols is not None, DECOUPLED=decoupled and lse,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
         last = cb0 + C >= num_c
         merge_kernel[(triton.cdiv(N, cfg.merge_block), H)](

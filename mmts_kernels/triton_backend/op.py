@@ -98,9 +98,9 @@ def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max):
+def _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, decoupled=False, dys_grad=False):
     return dict(lse=lse, hinge=hinge, hard=hard, ws=ws, cols=cols, dystress=dystress, tau_min=tau_min,
-                tau_max=tau_max)
+                tau_max=tau_max, decoupled=decoupled, dys_grad=dys_grad)
 
 
 _StatsTuple = Tuple[(Tensor,) * len(FIELDS)]
@@ -109,15 +109,18 @@ _StatsTuple = Tuple[(Tensor,) * len(FIELDS)]
 @torch.library.custom_op("mmts_kernels::triton_stats", mutates_args=())
 def triton_stats(x: Tensor, y: Tensor, tau: Optional[Tensor], margin: Optional[Tensor], targets: Tensor,
                  lse: bool, hinge: bool, hard: bool, ws: bool, cols: bool, dystress: bool,
-                 tau_min: float, tau_max: float, deterministic: bool) -> _StatsTuple:
+                 tau_min: float, tau_max: float, deterministic: bool, self_cols: Optional[Tensor] = None,
+                 decoupled: bool = False, dys_grad: bool = False) -> _StatsTuple:
     with _on_device(x):
         return _forward_mod.launch_forward(
-            x, y, tau, margin, targets, **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
-            deterministic=deterministic, cfg=_config(x))
+            x, y, tau, margin, targets,
+            **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, decoupled, dys_grad),
+            deterministic=deterministic, cfg=_config(x), self_cols=self_cols)
 
 
 @triton_stats.register_fake
-def _(x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, deterministic):
+def _(x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, deterministic,
+      self_cols=None, decoupled=False, dys_grad=False):
     H, N, M = x.shape[0], x.shape[1], y.shape[1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -135,13 +138,15 @@ def triton_stats_backward(x: Tensor, y: Tensor, tau: Optional[Tensor], margin: O
                           saved: List[Tensor], grads: List[Optional[Tensor]],
                           lse: bool, hinge: bool, hard: bool, ws: bool, cols: bool, dystress: bool,
                           tau_min: float, tau_max: float,
-                          need_x: bool, need_y: bool, need_tau: bool, need_margin: bool
+                          need_x: bool, need_y: bool, need_tau: bool, need_margin: bool,
+                          self_cols: Optional[Tensor] = None, decoupled: bool = False, dys_grad: bool = False
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     with _on_device(x):
         dx, dy, dtau, dmargin = _backward_mod.launch_backward(
             x, y, tau, margin, targets, dict(zip(FIELDS, saved)), dict(zip(FIELDS, grads)),
-            **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max),
-            need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin, cfg=_config(x))
+            **_flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, decoupled, dys_grad),
+            need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin, cfg=_config(x),
+            self_cols=self_cols)
     empty = lambda: x.new_empty(0)  # noqa: E731  (an op's outputs must not alias: a fresh one each)
     return (dx if dx is not None else empty(), dy if dy is not None else empty(),
             dtau if dtau is not None else empty(), dmargin if dmargin is not None else empty())
@@ -149,32 +154,38 @@ def triton_stats_backward(x: Tensor, y: Tensor, tau: Optional[Tensor], margin: O
 
 @triton_stats_backward.register_fake
 def _(x, y, tau, margin, targets, saved, grads, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max,
-      need_x, need_y, need_tau, need_margin):
+      need_x, need_y, need_tau, need_margin, self_cols=None, decoupled=False, dys_grad=False):
     def like(t, on):
         return t.new_empty(t.shape) if on and t is not None else x.new_empty(0)
 
     return like(x, need_x), like(y, need_y), like(tau, need_tau), like(margin, need_margin)
 
 
+_OP_DEFAULTS = (None, False, False)  # self_cols, decoupled, dys_grad: triton_stats' trailing defaults
+
+
 def _setup_context(ctx, inputs, output):
-    x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, _ = inputs
-    ctx.flags = _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max)
+    ctx.num_inputs = len(inputs)  # backward returns one gradient per input the op was called with
+    inputs = tuple(inputs) + _OP_DEFAULTS[len(inputs) - 14:]
+    x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, _, self_cols, decoupled, \
+        dys_grad = inputs
+    ctx.flags = _flags(lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, decoupled, dys_grad)
     ctx.has_tau, ctx.has_margin = tau is not None, margin is not None
-    ctx.save_for_backward(x, y, tau, margin, targets, *output)
+    ctx.save_for_backward(x, y, tau, margin, targets, self_cols, *output)
     ctx.mark_non_differentiable(output[FIELDS.index("ws")], output[FIELDS.index("ws_c")])
 
 
 def _stats_backward(ctx, *grads):
-    x, y, tau, margin, targets, *saved = ctx.saved_tensors
+    x, y, tau, margin, targets, self_cols, *saved = ctx.saved_tensors
     need_x, need_y, need_tau, need_margin = ctx.needs_input_grad[:4]
     need_tau, need_margin = need_tau and ctx.has_tau, need_margin and ctx.has_margin
     dx = dy = dtau = dmargin = None
     if need_x or need_y or need_tau or need_margin:
         dx, dy, dtau, dmargin = torch.ops.mmts_kernels.triton_stats_backward(
             x, y, tau, margin, targets, saved, list(grads), **ctx.flags,
-            need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin)
+            need_x=need_x, need_y=need_y, need_tau=need_tau, need_margin=need_margin, self_cols=self_cols)
     return ((dx if need_x else None), (dy if need_y else None), (dtau if need_tau else None),
-            (dmargin if need_margin else None)) + (None,) * 10
+            (dmargin if need_margin else None)) + (None,) * (ctx.num_inputs - 4)
 
 
 triton_stats.register_autograd(_stats_backward, setup_context=_setup_context)
