@@ -1,10 +1,6 @@
-"""`python -m bench.gpu_check`: check a GPU in one go — correctness at scale, then the speed table of issue 11.
-
-    python -m bench.gpu_check [--quick] [--backend triton] [--budget 480] [--out-dir bench/results]
-
-Time: the correctness cases may use half of ``--budget`` seconds, the speed table the rest; what does not fit is
-reported as skipped, most important first (the full run is sized for one 10-minute call, --quick for a few
-minutes; --no-speed / --no-correctness run one half with the whole budget).
+"""The measurements of the GPU run (``python -m bench.gpu_run``): correctness cases against float64, and speed rows
+with the goals of issue 11. Sizes: a GPU's, or tiny ones on a CPU (the cpp backend, or triton under
+TRITON_INTERPRET=1) for the CI smoke test.
 
 Correctness. Every case runs the backend under test through the public API (``mk.contrastive_loss``) and the
 ``torch`` backend in float64 on the same inputs rounded to the case's dtype (so the error measured is the
@@ -21,28 +17,16 @@ Speed. ``triton.testing.do_bench`` medians in this process (``bench.timing``): f
 the peak memory a fwd+bwd adds over its inputs (``torch.cuda.max_memory_allocated`` after a reset), TFLOP/s at
 8·N·M·D per fwd+bwd (2 for S forward; 6 backward: S again, dS·y, dSᵀ·x), next to what users would run instead
 (``bench.competitors``: openclip eager and compiled, the library's torch backend, Inf-CL when installed) and a bare
-GEMM (2·N·N·D) in the same dtype, measured in the same run. The goals of issue 11 are computed from these numbers
-and printed PASS/FAIL.
-
-Outputs: progress on stdout; gpu-check-<device>-<date>-<time>.csv (one row per measurement) and .md under
---out-dir, new files every run. Exit status 1 when a correctness case fails (the speed goals are reported, not
-enforced). On a machine without CUDA it runs a tiny version on the CPU (the cpp backend, or triton under
-TRITON_INTERPRET=1 with --backend triton) so that the command itself is tested in CI.
+GEMM (2·N·N·D) in the same dtype, measured in the same run; ``row_goals`` judges a row against the goals of
+issue 11 on these numbers.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
-import datetime
 import gc
 import math
-import os
-import platform
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +37,6 @@ from . import competitors, report
 from .timing import measure_ms
 from .worker import describe, measure_passes
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 MODES = ("infonce", "infonce_rect", "max_margin", "max_margin_hardest", "dystress", "deterministic")
@@ -103,7 +86,6 @@ class Config:
     huge: Tuple[int, int, int]            # loss value only; N·M ≥ 2³¹ on a GPU
     chunk_elems: int                      # float64 elements per chunk of the huge reference
     cases: List[Case] = field(default_factory=list)
-    rows: List[Row] = field(default_factory=list)
 
 
 def _cases(small, rect, large, huge, plan) -> List[Case]:
@@ -118,20 +100,6 @@ def _cases(small, rect, large, huge, plan) -> List[Case]:
             + small_cases[first:])
 
 
-def _rows(N, big_N, dims, head_D, quick: bool) -> List[Row]:
-    comp = TIMING_COMPETITORS
-    rows = [Row("bf16", "bfloat16", N, head_D, competitors=comp)]
-    if not quick:
-        rows += [Row(f"bf16 D={D}", "bfloat16", N, D, competitors=comp) for D in dims if D != head_D]
-        rows += [Row("fp16", "float16", N, head_D, competitors=comp)]
-    rows += [Row(f"fp32/{p}", "float32", N, head_D, precision=p, competitors=() if quick else comp)
-             for p in ("highest", "high")]
-    rows += [Row(f"bf16 {m}", "bfloat16", N, head_D, mode=m, competitors=(), gemm=False)
-             for m in ("max_margin", "max_margin_hardest", "dystress", "deterministic")]
-    rows += [Row(f"bf16 N={big_N}", "bfloat16", big_N, head_D, competitors=("inf_cl",))]
-    return rows
-
-
 def config(device: torch.device, quick: bool, tiny: bool) -> Config:
     every = MODES
     if tiny or device.type != "cuda":
@@ -141,9 +109,7 @@ def config(device: torch.device, quick: bool, tiny: bool) -> Config:
                 ("float64", None, ("infonce", "infonce_rect", "max_margin", "dystress"), ())]
         if quick:
             plan = [("bfloat16", None, ("infonce", "max_margin"), ()), ("float64", None, ("infonce",), ())]
-        return Config(small, rect, large, huge, chunk_elems=64 * 300,
-                      cases=_cases(small, rect, large, huge, plan),
-                      rows=_rows(64, 256, (16, 32), 32, quick))
+        return Config(small, rect, large, huge, chunk_elems=64 * 300, cases=_cases(small, rect, large, huge, plan))
     small, rect, large, huge = (2048, 2048, 256), (1537, 4099, 200), (16384, 16384, 512), (65536, 65536, 256)
     if quick:
         plan = [("bfloat16", None, every, ("infonce",)), ("float32", "highest", ("infonce", "infonce_rect"), ()),
@@ -155,8 +121,7 @@ def config(device: torch.device, quick: bool, tiny: bool) -> Config:
                 ("float32", "high", ("infonce", "infonce_rect", "max_margin"), ()),
                 ("float16", None, ("infonce", "infonce_rect", "max_margin", "max_margin_hardest"), ()),
                 ("float64", None, ("infonce", "infonce_rect", "max_margin", "max_margin_hardest", "dystress"), ())]
-    return Config(small, rect, large, huge, chunk_elems=2**27, cases=_cases(small, rect, large, huge, plan),
-                  rows=_rows(16384, 65536, (256, 512, 1024), 512, quick))
+    return Config(small, rect, large, huge, chunk_elems=2**27, cases=_cases(small, rect, large, huge, plan))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,17 +424,6 @@ def row_goals(got: List[dict], headline: List[dict], backend: str) -> List[dict]
     return out
 
 
-def goals(rows: List[dict], backend: str) -> List[Tuple[str, str, str]]:
-    """The speed goals of issue 11 over a whole table, each (goal, what was measured, PASS / FAIL / n/a)."""
-    speed = [r for r in rows if r["section"] == "speed"]
-    by_name: Dict[str, List[dict]] = {}
-    for r in speed:
-        by_name.setdefault(r["name"], []).append(r)
-    headline = by_name.get(HEADLINE, [])
-    return [(f"{g['name']} (N={g['N']}, D={g['D']}): {g['metric']}", g["note"], g["status"])
-            for got in by_name.values() for g in row_goals(got, headline, backend)]
-
-
 _div = report.ratio
 
 
@@ -478,29 +432,10 @@ def _f(v, spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The command
+# What the run's command shares
 
 CSV_FIELDS = ["section", "name", "dtype", "precision", "N", "M", "D", "mode", "method", "metric", "value", "bar",
               "status", "note"]
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer cases and speed lines (a few minutes on a GPU)")
-    p.add_argument("--tiny", action="store_true", help="the tiny CPU-sized version, on any device")
-    p.add_argument("--backend", help="the backend under test (default: triton on CUDA; cpp, else torch, on CPU)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--competitors", nargs="*", default=list(TIMING_COMPETITORS), choices=TIMING_COMPETITORS,
-                   help="what to time next to the backend (default: all that run here)")
-    p.add_argument("--no-correctness", action="store_true")
-    p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats on CPU (GPU: do_bench decides)")
-    p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds (default fits a 10-minute call with start-up to spare): correctness may use half, "
-                        "speed the rest; once spent, the remaining cases and lines are skipped and reported so")
-    p.add_argument("--out-dir", default=DEFAULT_OUT, help="where the new CSV and markdown go")
-    return p.parse_args(argv)
 
 
 def pick_backend(choice: Optional[str], device: torch.device) -> str:
@@ -509,98 +444,6 @@ def pick_backend(choice: Optional[str], device: torch.device) -> str:
     if device.type == "cuda":
         return "triton"
     return "cpp" if mk.backends.unavailable_reason("cpp", device) is None else "torch"
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    backend = pick_backend(args.backend, device)
-    reason = mk.backends.unavailable_reason(backend, device)
-    if reason is not None:
-        raise SystemExit(f"backend {backend!r} cannot run on {device}: {reason}")
-    cfg = config(device, args.quick, args.tiny)
-    allow_recompiles()
-    label = report.device_name(device)
-    now = datetime.datetime.now()
-    start = time.perf_counter()
-    versions = f"torch {torch.__version__}, triton {triton_version()}, python {platform.python_version()}"
-    print(f"gpu_check on {label} ({device.type}), backend {backend}; {versions}", flush=True)
-
-    def log(text):
-        print(f"[{time.perf_counter() - start:6.1f}s] {text}", flush=True)
-
-    def over_budget(share=1.0):
-        return time.perf_counter() - start > share * args.budget
-
-    rows: List[dict] = []
-    if not args.no_correctness:
-        for i, case in enumerate(cfg.cases):
-            if over_budget(1.0 if args.no_speed else 0.5):  # leave the speed table its half
-                rows.append(_skipped("correctness", case.label, case, backend))
-                log(f"correctness {i + 1}/{len(cfg.cases)} {case.label}: skipped (time budget)")
-                continue
-            try:
-                got = check_case(case, backend, device, cfg.chunk_elems)
-            except Exception as exc:  # noqa: BLE001 — a crash is a failed case, the check goes on
-                got = [dict(section="correctness", name=case.label, dtype=case.dtype, precision=case.precision or "",
-                            N=case.N, M=case.M, D=case.D, mode=case.mode, method=backend, metric="run",
-                            value=math.nan, bar=math.nan, status="FAIL", note=describe(exc))]
-            rows += got
-            free_memory(device)
-            worst = max(got, key=lambda r: _div(r["value"], r["bar"]) if r["metric"] != "bitwise repeat" else 0)
-            status = "FAIL" if any(r["status"] == "FAIL" for r in got) else "PASS"
-            log(f"correctness {i + 1}/{len(cfg.cases)} {case.label}: {status} "
-                f"(worst {worst['metric']} {_f(worst['value'], '.1e')} vs bar {_f(worst['bar'], '.0e')})"
-                + (f" {worst['note']}" if status == "FAIL" and worst.get("note") else ""))
-    if not args.no_speed:
-        for i, row in enumerate(cfg.rows):
-            if over_budget():
-                rows.append(_skipped("speed", row.key, row, backend))
-                log(f"speed {i + 1}/{len(cfg.rows)} {row.key}: skipped (time budget)")
-                continue
-            try:
-                got = time_row(row, backend, device, args.repeats, set(args.competitors))
-            except Exception as exc:  # noqa: BLE001 — e.g. inputs that do not fit: the other lines still run
-                got = [dict(section="speed", name=row.key, dtype=row.dtype, precision=row.precision or "", N=row.N,
-                            M=row.N, D=row.D, mode=row.mode, method=backend, metric="full_ms", value=math.nan,
-                            note=describe(exc))]
-            free_memory(device)
-            rows += got
-            full = next((r["value"] for r in got if r["method"] == backend and r["metric"] == "full_ms"), math.nan)
-            log(f"speed {i + 1}/{len(cfg.rows)} {row.key} (N={row.N}, D={row.D}): "
-                f"{backend} fwd+bwd {_f(full, '.3f')} ms")
-
-    goal_list = goals(rows, backend) if not args.no_speed else []
-    failed = [r for r in rows if r["section"] == "correctness" and r.get("status") == "FAIL"]
-    text = markdown(rows, goal_list, backend, dict(
-        command="python -m bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
-        date=now.strftime("%Y-%m-%d %H:%M"), device=f"{label} ({device.type})", versions=versions,
-        backend=backend, wall=f"{time.perf_counter() - start:.0f} s",
-        memory="torch.cuda.max_memory_allocated after a reset" if device.type == "cuda" else
-        "RSS growth inside this one process: a rough number (python -m bench measures CPU memory cleanly)"))
-    print(text)
-    stem = report.new_stem(args.out_dir, report.file_stem(f"gpu-check-{label}", now.strftime("%Y-%m-%d-%H%M")),
-                           (".csv", ".md"))
-    with open(stem + ".csv", "x", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_FIELDS)
-        for r in rows:
-            w.writerow([csv_cell(r.get(k, "")) for k in CSV_FIELDS])
-    with open(stem + ".md", "x") as f:
-        f.write(text)
-    print(f"wrote {stem}.csv, {stem}.md")
-    print(f"correctness: {'all PASS' if not failed else f'{len(failed)} FAIL'}")
-    return 1 if failed else 0
-
-
-def _skipped(section, name, item, backend) -> dict:
-    return dict(section=section, name=name, dtype=item.dtype, precision=item.precision or "", N=item.N,
-                M=getattr(item, "M", item.N), D=item.D, mode=item.mode, method=backend, metric="skipped",
-                value=math.nan, bar=math.nan, status="SKIPPED" if section == "correctness" else "",
-                note="over the time budget")
 
 
 def csv_cell(v):
@@ -615,35 +458,3 @@ def triton_version() -> str:
     except ImportError:
         return "not installed"
     return triton.__version__
-
-
-def markdown(rows: List[dict], goal_list, backend: str, meta: Dict[str, str]) -> str:
-    out = [f"# GPU check: {meta['device']}, {meta['date']}", ""]
-    out += [f"- **{k}**: {v}" for k, v in meta.items()]
-    corr = [r for r in rows if r["section"] == "correctness"]
-    if corr:
-        out += ["", "## Correctness against the float64 reference", "",
-                "‖out − ref‖/‖ref‖ of the loss and each gradient; the reference is the torch backend in float64 on "
-                "the same rounded inputs (the N·M ≥ 2³¹ case: a chunked float64 computation of the loss value).", "",
-                "| case | quantity | rel. error | bar | status | note |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['name']} | {r['metric']} | {_f(r['value'], '.2e')} | {_f(r['bar'], '.0e')} | "
-                f"{r['status']} | {r.get('note', '')} |" for r in corr]
-    speed = [r for r in rows if r["section"] == "speed"]
-    if speed:
-        header, cells = speed_table(rows, backend)
-        out += ["", "## Speed", "",
-                "`triton.testing.do_bench` medians in one process (CPU: median of the repeats); fwd+bwd at "
-                "8·N·M·D FLOPs; peak extra MiB: memory a fwd+bwd adds over its inputs; competitors: fwd+bwd ms.", "",
-                "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        out += ["| " + " | ".join(c) + " |" for c in cells]
-        notes = sorted({f"{r['method']} ({r['name']}): {r['note']}" for r in speed if r.get("note")})
-        if notes:
-            out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    if goal_list:
-        out += ["", "## Goals (issue 11)", "", "| goal | measured | status |", "|---|---|---|"]
-        out += [f"| {g} | {m} | {s} |" for g, m, s in goal_list]
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

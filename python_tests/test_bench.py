@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark commands (`python -m bench`, `bench.gpu_check`, `bench.cpp_vs_gemm`,
+"""Smoke tests of the benchmark commands (`python -m bench`, `bench.cpp_vs_gemm`,
 `bench.plot_schedule`) at tiny sizes, plus the pieces they rest on: the worker pool (one process per backend, a
 hung or failed worker costing its cell only, Ctrl-C keeping what finished), the 120-column table, the loss registry,
 the competitor losses, the chunked float64 reference, the CPU peak-memory probe, adaptive repeats, FLOP counting,
@@ -21,11 +21,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench` is not an installed package: import it from the checkout
 
 import mmts_kernels as mk  # noqa: E402
-from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report, triton_sweep, worker  # noqa: E402
+from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report, worker  # noqa: E402
 from bench.__main__ import WorkerPool, parse_args, plan, result_rows, run_cells  # noqa: E402
 from bench.timing import (PeakMemory, Timing, adaptive_enough, cpu_probe_reason, forward_backward_peaks,  # noqa: E402
                           measure_ms, time_forward_backward)
-from support import backend_marker  # noqa: E402
 
 HEADER = "device,backend,loss,dtype,N,M,D,pass,ms_median,peak_mem_bytes,tflops,ms_q1,ms_q3,repeats"
 CPP = pytest.mark.skipif(mk.backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
@@ -330,44 +329,6 @@ def test_chunked_float64_reference_matches_the_whole_one():
     whole = float(mk.info_nce(x.double(), y.double(), tau.double(), backend="torch"))
     for chunk_elems in (37 * 5, 37 * 37, 1):  # uneven chunks, one chunk, one row at a time
         assert gpu_check.chunked_infonce_fp64(x, y, tau, chunk_elems) == pytest.approx(whole, rel=1e-13)
-
-
-def test_gpu_check_tiny_on_cpu(tmp_path):
-    """The GPU check's tiny CPU version: correctness cases against float64, the speed table with competitors,
-    the goals, and its two files."""
-    proc = _run(["-m", "bench.gpu_check", "--quick", "--competitors", "openclip", "torch", "--repeats", "1",
-                 "--out-dir", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    [md] = list(tmp_path.glob("gpu-check-*.md"))
-    [csv_path] = list(tmp_path.glob("gpu-check-*.csv"))
-    text = md.read_text()
-    for heading in ("## Correctness against the float64 reference", "## Speed", "## Goals (issue 11)"):
-        assert heading in text
-    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
-    correctness = [r for r in rows if r["section"] == "correctness"]
-    assert correctness and all(r["status"] == "PASS" for r in correctness)
-    assert {"loss", "dx", "dy", "dtau", "dmargin"} <= {r["metric"] for r in correctness}
-    speed = {(r["name"], r["method"], r["metric"]) for r in rows if r["section"] == "speed"}
-    assert {("bf16", "openclip", "full_ms"), ("bf16", "torch", "full_ms"), ("bf16", "gemm", "ms")} <= speed
-    assert "correctness: all PASS" in proc.stdout
-
-
-def test_gpu_check_runs_the_triton_backend_under_the_interpreter(tmp_path):
-    proc = _run(["-m", "bench.gpu_check", "--quick", "--no-speed", "--backend", "triton", "--out-dir", str(tmp_path)],
-                TRITON_INTERPRET="1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "backend triton" in proc.stdout and "correctness: all PASS" in proc.stdout
-
-
-@CPP
-@backend_marker("triton")
-def test_triton_sweep_tiny(capsys):
-    """The tuning sweep runs each configuration of a cell and prints one line each (tiny, interpreter)."""
-    assert triton_sweep.main(["--tiny", "--repeats", "1", "--configs", "", "panel_blocks=1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("device ") and "bare GEMM" in lines[0]
-    assert [line.split()[0] for line in lines[2:]] == ["(default)", "panel_blocks=1"]
-    assert all(float(line.split()[3]) > 0 for line in lines[2:])  # the total time
 
 
 def test_cpp_vs_gemm_tiny(tmp_path):
