@@ -90,6 +90,18 @@ def openclip_max_margin(x: torch.Tensor, y: torch.Tensor, margin: torch.Tensor,
     return (row.sum() + col.sum()) / (2 * N * (N - 1))
 
 
+def plain_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """SimCLR NT-Xent as TS / lightly users write it: the 2B × 2B similarity of both views materialized, the
+    self-similarity masked, anchor a's positive at a ± B; per-sample τ_i shared by both views of sample i."""
+    B = z1.shape[0]
+    z = torch.cat([z1, z2])
+    S = z @ z.T
+    eye = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+    logits = (S / torch.cat([tau, tau])[:, None]).masked_fill(eye, float("-inf"))
+    targets = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
 def inf_cl_loss(x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE through Inf-CL with the scalar τ = mean(τ_i) (Inf-CL takes one ``scale`` = 1/τ)."""
     from inf_cl import cal_inf_loss

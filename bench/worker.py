@@ -68,6 +68,10 @@ LOSSES: Dict[str, BenchLoss] = {
     "max_margin": BenchLoss(lambda x, y, m, backend: mk.max_margin(x, y, m, backend=backend),
                             competitors.openclip_max_margin, (0.1, 0.3),
                             "symmetric max-margin over all negatives, per-sample m_i ∈ [0.1, 0.3]"),
+    # x, y are the two views z1, z2 of B = N samples: 2B anchors against the masked 2B × 2B similarity.
+    "nt_xent": BenchLoss(lambda z1, z2, tau, backend: mk.nt_xent(z1, z2, tau, backend=backend),
+                         competitors.plain_nt_xent, (0.05, 0.15),
+                         "SimCLR NT-Xent (2B anchors of two views of B = N samples), per-sample τ_i ∈ [0.05, 0.15]"),
 }
 
 
