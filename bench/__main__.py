@@ -10,8 +10,8 @@ For each backend, loss, dtype and size: the median time of the forward, the back
 (forward+backward) pass with the spread of its repeats, the peak memory of each, and TFLOP/s counting 8·N·M·D per
 forward+backward; plus a bare N×D·D×N GEMM per (dtype, N, D): the GEMM rate.
 
-Default sweep. CPU: fp32, D = 256, N in {1024, 2048}, both losses (22 cells; about a minute on 2 cores, up to 3
-when other work loads them).
+Default sweep. CPU: fp32, D = 256, N in {1024, 2048}, the three losses (32 cells; about a minute on 2 cores,
+up to 3 when other work loads them).
 CUDA: bf16 and fp32, D = 512, N in {4096, 16384}. ``--full``: the long sweep (it includes what the default swept
 before: N in {1024, 2048, 4096} on CPU); ``--quick``: one size.
 
