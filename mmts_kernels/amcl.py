@@ -40,13 +40,12 @@ from torch import nn
 from . import backends, losses
 from .stats import compute_dtype
 from .topk import check_k, indexed_dot
-from .validation import check_tensor_layout, validate
+from .validation import check_embedding_tensor, check_tensor_layout, validate
 
 TAU_MIN, TAU_MAX, BETA, TOPK = 1e-5, 2.0, 1e-4, 100
 FORMS = ("simclr", "moco", "cross_modal")
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "torch", "triton", "cpp")
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 class AMCLTemperatureNet(nn.Module):
@@ -346,14 +345,7 @@ def _check_scalars(beta, tau_min, tau_max, omega_dim) -> None:
 def _check_views(z1, z2):
     """z1, z2 as [H, B, D] with B ≥ 2, same shape, dtype and device."""
     for name, t in (("z1", z1), ("z2", z2)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_tensor_layout(name, t)
-        check_tensor_layout(name, t)
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
-        if t.dim() not in (2, 3):
-            raise ValueError(f"{name} must have shape [B, D] or [H, B, D], got {tuple(t.shape)}")
+        check_embedding_tensor(name, t, rows="B")
     if z2.shape != z1.shape:
         raise ValueError(f"z2 must have the shape of z1 (one row per sample in each view): z1 is "
                          f"{tuple(z1.shape)}, z2 is {tuple(z2.shape)}")
@@ -374,7 +366,6 @@ def _check_queue(queue, q3: torch.Tensor) -> torch.Tensor:
     """queue [K, D] (shared by every head) or [H, K, D], as [H, K, D] in q's dtype and device."""
     if not isinstance(queue, torch.Tensor):
         raise TypeError(f"queue must be a torch.Tensor [K, D] or [H, K, D], got {type(queue).__name__}")
-    check_tensor_layout("queue", queue)
     check_tensor_layout("queue", queue)
     H, _, D = q3.shape
     if queue.dim() == 2:

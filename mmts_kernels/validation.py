@@ -152,15 +152,20 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
 
 
+def check_embedding_tensor(name: str, t, rows: str = "N") -> None:
+    """A dense floating tensor of shape [rows, D] or [H, rows, D]; TypeError/ValueError naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor_layout(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape [{rows}, D] or [H, {rows}, D], got {tuple(t.shape)}")
+
+
 def _check_embeddings(x, y):
     for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_tensor_layout(name, t)
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
-        if t.dim() not in (2, 3):
-            raise ValueError(f"{name} must have shape [N, D] or [H, N, D], got {tuple(t.shape)}")
+        check_embedding_tensor(name, t)
     if x.dim() != y.dim():
         raise ValueError(f"x and y must both have a head axis or neither: x is {tuple(x.shape)}, "
                          f"y is {tuple(y.shape)}")
@@ -300,13 +305,7 @@ def validate_nt_xent(z1, z2, *, temperature, decoupled, reduction, normalize, ba
 
 def _check_views(z1, z2):
     for name, t in (("z1", z1), ("z2", z2)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_tensor_layout(name, t)
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
-        if t.dim() not in (2, 3):
-            raise ValueError(f"{name} must have shape [B, D] or [H, B, D], got {tuple(t.shape)}")
+        check_embedding_tensor(name, t, rows="B")
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 are two views of the same batch and must have the same shape, got z1: "
                          f"{tuple(z1.shape)}, z2: {tuple(z2.shape)}")
