@@ -60,6 +60,7 @@ def main():
             dist.all_reduce(mean_loss)
             if rank == 0:
                 print(f"step {step:2d}  MM-TS InfoNCE loss over {world_size} ranks {mean_loss.item() / world_size:.4f}")
+    dist.barrier()  # no rank tears gloo down while another is still in a collective (it aborts at exit otherwise)
     dist.destroy_process_group()
 
 
