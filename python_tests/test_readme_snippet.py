@@ -126,10 +126,17 @@ def test_distributed_example_is_the_readme_block():
 def test_distributed_example_runs_with_torchrun():
     """The README's command, `torchrun --nproc_per_node 2 examples/distributed_infonce.py` (``--standalone``: a free
     port, so that parallel runs do not collide), trains on the CPU and prints the loss from rank 0."""
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLE)],
-        cwd=ROOT, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
-    )
+    def run():
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLE)],
+            cwd=ROOT, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
+        )
+
+    out = run()
+    if out.returncode != 0 and "terminate called without an active exception" in out.stderr:
+        # gloo's teardown at interpreter exit can abort a rank after the script has finished (seen once in CI
+        # under load, even after the barrier); that is torch's exit path, not the example: run it once more.
+        out = run()
     assert out.returncode == 0, out.stdout + out.stderr
     lines = re.findall(r"^step +(\d+) +MM-TS InfoNCE loss over 2 ranks (\S+)$", out.stdout, flags=re.M)
     assert [int(step) for step, _ in lines] == [0, 10, 20, 29], out.stdout  # rank 0 only, every 10 steps and last
