@@ -40,7 +40,7 @@ from torch import nn
 from . import backends, losses
 from .stats import compute_dtype
 from .topk import check_k, indexed_dot
-from .validation import check_embedding_tensor, check_tensor_layout, validate
+from .validation import check_tensor_layout, check_views, validate
 
 TAU_MIN, TAU_MAX, BETA, TOPK = 1e-5, 2.0, 1e-4, 100
 FORMS = ("simclr", "moco", "cross_modal")
@@ -344,19 +344,7 @@ def _check_scalars(beta, tau_min, tau_max, omega_dim) -> None:
 
 def _check_views(z1, z2):
     """z1, z2 as [H, B, D] with B ≥ 2, same shape, dtype and device."""
-    for name, t in (("z1", z1), ("z2", z2)):
-        check_embedding_tensor(name, t, rows="B")
-    if z2.shape != z1.shape:
-        raise ValueError(f"z2 must have the shape of z1 (one row per sample in each view): z1 is "
-                         f"{tuple(z1.shape)}, z2 is {tuple(z2.shape)}")
-    if z2.dtype != z1.dtype:
-        raise TypeError(f"z2 must have the dtype of z1, got z1: {z1.dtype}, z2: {z2.dtype}")
-    if z2.device != z1.device:
-        raise ValueError(f"z2 must be on the device of z1, got z1: {z1.device}, z2: {z2.device}")
-    has_heads = z1.dim() == 3
-    z1_3, z2_3 = (z1, z2) if has_heads else (z1.unsqueeze(0), z2.unsqueeze(0))
-    if z1_3.shape[0] < 1 or z1_3.shape[2] < 1:
-        raise ValueError(f"z1 must be non-empty, got shape {tuple(z1.shape)}")
+    z1_3, z2_3, has_heads = check_views(z1, z2)
     if z1_3.shape[1] < 2:
         raise ValueError(f"z1 must hold at least B = 2 samples (got B={z1_3.shape[1]}): an anchor needs a negative")
     return z1_3, z2_3, has_heads

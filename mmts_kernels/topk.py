@@ -23,9 +23,7 @@ from typing import Optional
 import torch
 
 from .stats import compute_dtype
-from .validation import check_tensor_layout
-
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+from .validation import check_embedding_tensor, check_tensor_layout
 
 
 def compute_topk(
@@ -154,13 +152,7 @@ def torch_topk(x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, self_col
 
 def _check_inputs(x, y):
     for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_tensor_layout(name, t)
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
-        if t.dim() not in (2, 3):
-            raise ValueError(f"{name} must have shape [N, D] or [H, N, D], got {tuple(t.shape)}")
+        check_embedding_tensor(name, t)
     if x.dim() != y.dim() or x.dtype != y.dtype or x.device != y.device:
         raise ValueError(f"x and y must agree in rank, dtype and device: x is {tuple(x.shape)} {x.dtype} "
                          f"{x.device}, y is {tuple(y.shape)} {y.dtype} {y.device}")

@@ -163,16 +163,23 @@ def check_embedding_tensor(name: str, t, rows: str = "N") -> None:
         raise ValueError(f"{name} must have shape [{rows}, D] or [H, {rows}, D], got {tuple(t.shape)}")
 
 
+def _check_same_dtype_device(first, second) -> None:
+    """Two (name, tensor) pairs that must share a dtype (TypeError) and a device (ValueError)."""
+    (a_name, a), (b_name, b) = first, second
+    if a.dtype != b.dtype:
+        raise TypeError(f"{a_name} and {b_name} must have the same dtype, got {a_name}: {a.dtype}, {b_name}: {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a_name}: {a.device}, "
+                         f"{b_name}: {b.device}")
+
+
 def _check_embeddings(x, y):
     for name, t in (("x", x), ("y", y)):
         check_embedding_tensor(name, t)
     if x.dim() != y.dim():
         raise ValueError(f"x and y must both have a head axis or neither: x is {tuple(x.shape)}, "
                          f"y is {tuple(y.shape)}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got x: {x.dtype}, y: {y.dtype}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on the same device, got x: {x.device}, y: {y.device}")
+    _check_same_dtype_device(("x", x), ("y", y))
     has_heads = x.dim() == 3
     x3, y3 = (x, y) if has_heads else (x.unsqueeze(0), y.unsqueeze(0))
     if x3.shape[0] != y3.shape[0]:
@@ -287,7 +294,7 @@ def validate_nt_xent(z1, z2, *, temperature, decoupled, reduction, normalize, ba
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool or None, got {type(deterministic).__name__}")
-    z1, z2, has_heads = _check_views(z1, z2)
+    z1, z2, has_heads = check_views(z1, z2)
     H, B, _ = z1.shape
     if B < 2 and not distributed:
         raise ValueError(f"z1 and z2 must hold at least 2 samples (B={B}): a view's anchor needs a negative "
@@ -303,16 +310,15 @@ def validate_nt_xent(z1, z2, *, temperature, decoupled, reduction, normalize, ba
     return NTXentProblem(z1, z2, tau, reduction, has_heads, request)
 
 
-def _check_views(z1, z2):
+def check_views(z1, z2):
+    """Two views z1, z2 of one batch ([B, D] or [H, B, D], same shape, dtype and device), as [H, B, D] each, and
+    whether they had a head axis. Used by ``nt_xent`` and AMCL's SimCLR form."""
     for name, t in (("z1", z1), ("z2", z2)):
         check_embedding_tensor(name, t, rows="B")
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 are two views of the same batch and must have the same shape, got z1: "
                          f"{tuple(z1.shape)}, z2: {tuple(z2.shape)}")
-    if z1.dtype != z2.dtype:
-        raise TypeError(f"z1 and z2 must have the same dtype, got z1: {z1.dtype}, z2: {z2.dtype}")
-    if z1.device != z2.device:
-        raise ValueError(f"z1 and z2 must be on the same device, got z1: {z1.device}, z2: {z2.device}")
+    _check_same_dtype_device(("z1", z1), ("z2", z2))
     if z1.numel() == 0:
         raise ValueError(f"z1 must be non-empty, got shape {tuple(z1.shape)}")
     has_heads = z1.dim() == 3
