@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..first_order import first_order_only
 from ..stats import Stats
 from ._compat import fix_interpreter_index, interpret_triton_stdlib
 
@@ -188,4 +189,5 @@ def _stats_backward(ctx, *grads):
             (dmargin if need_margin else None)) + (None,) * (ctx.num_inputs - 4)
 
 
-triton_stats.register_autograd(_stats_backward, setup_context=_setup_context)
+# First order only, as cpp: a second differentiation gets the library's message (mmts_kernels.first_order).
+triton_stats.register_autograd(first_order_only(_stats_backward, "triton"), setup_context=_setup_context)
