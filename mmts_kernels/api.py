@@ -26,18 +26,30 @@ def contrastive_loss(
     backend: str = "auto",
     deterministic: bool | None = None,
     process_group=None,
+    bias=None,
+    labels=None,
+    same_label: str = "positive",
 ) -> torch.Tensor:
     """Contrastive loss between the rows of ``x`` [N, D] (or [H, N, D]) and ``y`` [M, D] (or [H, M, D]).
 
-    loss:              "infonce" (uses ``temperature``) or "max_margin" (uses ``margin``).
-    temperature:       float, 0-dim / [N] / [H, N] tensor (may require grad), or ``mk.DySTreSS(...)``.
+    loss:              "infonce" (uses ``temperature``), "max_margin" (uses ``margin``) or "sigmoid" (SigLIP; uses
+                       ``temperature`` and ``bias``; see ``mk.sigmoid_loss``).
+    temperature:       float, 0-dim / [N] / [H, N] tensor (may require grad), or ``mk.DySTreSS(...)`` (InfoNCE).
                        Row i uses τ_i; in the symmetric loss column j uses τ_j (MM-TS semantics).
     margin:            float, 0-dim / [N] / [H, N] tensor; per-sample margins as in MM-TS max-margin.
     hardest_negative:  max_margin only: VSE++ hardest negative instead of all negatives.
     targets:           [N] integer positive column of each row (needs ``symmetric=False``); default arange(N).
-    symmetric:         both directions (x→y and y→x); needs N == M and targets=None.
+    symmetric:         both directions (x→y and y→x); needs N == M and targets=None. The sigmoid loss is one sum
+                       over every pair either way.
     reduction:         "mean" | "sum" | "none" (per-anchor terms, [2, N] symmetric, [N] otherwise; [H, …] with
                        heads). With heads, "mean" and "sum" reduce each head and sum over heads.
+    bias:              sigmoid only: float, 0-dim / [N] / [H, N] tensor, the b_i of σ(z(S/τ + b)); default −10.
+    labels:            the class of each sample: an [N] integer tensor (square batches), or a pair
+                       (labels_x [N], labels_y [M]); each row's target must carry its label.
+    same_label:        what the other columns of a row's class are. "positive" (default): positives too — InfoNCE
+                       becomes SupCon's L_out (lse_i − mean_{p∈P_i} S_ip/τ_i, the lse over every column), the
+                       sigmoid loss gives them z = +1, max-margin does not take them as negatives. "ignore": they
+                       leave the loss (false-negative elimination: out of the denominator / the negatives).
     normalize:         L2-normalize x and y (differentiably) first; the library never normalizes silently.
     check_finite:      raise ValueError on NaN/Inf inputs instead of propagating NaN.
     backend:           "auto" | "torch" | "triton" | "cpp"; see ``mk.available_backends()``.
@@ -46,10 +58,13 @@ def contrastive_loss(
 
     Returns fp32 (fp64 for fp64 inputs) whatever the input dtype.
     """
+    if bias is not None and loss != "sigmoid":
+        raise ValueError(f"bias: loss={loss!r} does not use a bias (the sigmoid loss does); remove it")
     problem = validate(
         x, y, loss=loss, temperature=temperature, margin=margin, hardest_negative=hardest_negative,
         targets=targets, symmetric=symmetric, reduction=reduction, check_finite=check_finite, backend=backend,
         deterministic=deterministic, normalize=normalize, distributed=process_group is not None,
+        bias=-10.0 if bias is None else bias, labels=labels, same_label=same_label,
     )
     impl = backends.resolve(backend, problem.x.device)
     if normalize:
@@ -62,15 +77,58 @@ def contrastive_loss(
 
 
 def info_nce(x: torch.Tensor, y: torch.Tensor, temperature=0.07, **kwargs) -> torch.Tensor:
-    """InfoNCE (CLIP loss): ``contrastive_loss(x, y, loss="infonce", temperature=temperature, ...)``."""
+    """InfoNCE (CLIP loss): ``contrastive_loss(x, y, loss="infonce", temperature=temperature, ...)``; with
+    ``labels``, SupCon (same_label="positive") or false-negative elimination (same_label="ignore")."""
     _refuse_unused(kwargs, "margin", "info_nce", "max_margin")
+    _refuse_unused(kwargs, "bias", "info_nce", "sigmoid_loss")
     return contrastive_loss(x, y, loss="infonce", temperature=temperature, **kwargs)
 
 
 def max_margin(x: torch.Tensor, y: torch.Tensor, margin=0.2, **kwargs) -> torch.Tensor:
     """Max-margin ranking loss: ``contrastive_loss(x, y, loss="max_margin", margin=margin, ...)``."""
     _refuse_unused(kwargs, "temperature", "max_margin", "info_nce")
+    _refuse_unused(kwargs, "bias", "max_margin", "sigmoid_loss")
     return contrastive_loss(x, y, loss="max_margin", margin=margin, **kwargs)
+
+
+def sigmoid_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    temperature=0.1,
+    bias=-10.0,
+    *,
+    targets: torch.Tensor | None = None,
+    labels=None,
+    same_label: str = "positive",
+    reduction: str = "mean",
+    normalize: bool = False,
+    check_finite: bool = False,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss between the rows of ``x`` [N, D] and ``y`` [M, D] (or [H, N, D] / [H, M, D]):
+
+        L = −(1/N) Σ_i Σ_j log σ(z_ij · (S_ij/τ_i + b_i)),   S = x yᵀ,   z_ij = +1 for row i's positive, −1 else
+
+    temperature:   float, 0-dim, [N] or [H, N] tensor, may require grad (τ_i = 1/logit_scale in open_clip's terms;
+                   MM-TS's per-sample τ applies per row).
+    bias:          float, 0-dim, [N] or [H, N] tensor, may require grad (open_clip's logit_bias).
+    targets:       [N] integer positive column of each row; default arange(N) (needs N == M).
+    labels, same_label: as ``contrastive_loss``: "positive" makes every same-label column a positive (z = +1),
+                   "ignore" leaves the same-label columns other than the target out of the sum.
+    reduction:     "mean" (÷ N, as open_clip and big_vision), "sum", "none" ([N] per row; [H, N] with heads).
+    process_group: a torch.distributed group: each rank passes its local x, y; the y blocks travel around the ring
+                   (point-to-point, as in the SigLIP paper), never all gathered: memory per rank O(local N·D). The
+                   mean over ranks of the returned losses equals one process on the concatenated batch.
+
+    The fused backends never hold the N × M matrix: the statistic Σ_j softplus(−z_ij(S_ij/τ_i + b_i)) is streamed
+    tile by tile and the backward recomputes the tiles. Returns fp32 (fp64 for fp64 inputs).
+    """
+    return contrastive_loss(x, y, loss="sigmoid", temperature=temperature, bias=bias, targets=targets,
+                            symmetric=targets is None, labels=labels, same_label=same_label, reduction=reduction,
+                            normalize=normalize, check_finite=check_finite, backend=backend,
+                            deterministic=deterministic, process_group=process_group)
 
 
 def nt_xent(
@@ -84,6 +142,8 @@ def nt_xent(
     backend: str = "auto",
     deterministic: bool | None = None,
     process_group=None,
+    labels: torch.Tensor | None = None,
+    same_label: str = "positive",
 ) -> torch.Tensor:
     """SimCLR's NT-Xent over two views ``z1``, ``z2`` [B, D] (or [H, B, D]) of the same B samples.
 
@@ -100,12 +160,16 @@ def nt_xent(
     normalize:     L2-normalize z1 and z2 (differentiably) first; the library never normalizes silently.
     process_group: a torch.distributed group: each rank passes its local views; the loss equals one process on
                    the concatenated batch (Z = all z1 in rank order, then all z2), as for ``info_nce``.
+    labels:        [B] integer class of each sample (both views share it): SupCon. same_label="positive" (default):
+                   L_a = lse_a − mean_{p∈P(a)} S_ap/τ_a over every other row of a's class (SupCon's L_out; the lse
+                   over j ≠ a; decoupled=True drops all of P(a) from it); "ignore": the other rows of a's class
+                   leave the lse and the positive stays a's other view (false-negative elimination).
 
     The fused backends never hold the 2B × 2B matrix: extra memory O(B·D). Returns fp32 (fp64 for fp64 inputs).
     """
     problem = validate_nt_xent(z1, z2, temperature=temperature, decoupled=decoupled, reduction=reduction,
                                normalize=normalize, backend=backend, deterministic=deterministic,
-                               distributed=process_group is not None)
+                               distributed=process_group is not None, labels=labels, same_label=same_label)
     impl = backends.resolve(backend, problem.z1.device)
     if normalize:
         problem = replace(problem, z1=F.normalize(problem.z1, dim=-1), z2=F.normalize(problem.z2, dim=-1))

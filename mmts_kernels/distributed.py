@@ -38,6 +38,18 @@ of times in the same order (the gather's backward is a collective).
 
 NT-Xent (``distributed_nt_xent``) follows the same rules with one row-statistics pass: this rank's anchors (its z1
 and z2 rows) against the gathered Z = cat(all z1, all z2), with global targets and self columns.
+
+Labels travel with the features they label (gathered alongside, no gradient): the statistics compare this rank's
+row labels with the gathered column labels, and same_label="positive"'s per-class sums run over the gathered
+columns, so the terms stay those of one process.
+
+The sigmoid loss (``distributed_sigmoid``) gathers nothing: it is one sum over all pairs with per-row τ_i and b_i,
+so this rank's rows need every y block once, not at once. As in the SigLIP paper, the y blocks travel around the
+ring (W − 1 point-to-point shifts, each rank sending to rank + 1 and receiving from rank − 1), and this rank adds
+the sig statistic of its x against each block (the targets only in its own block; −1, no positive, elsewhere). The
+backward runs the ring again, recomputing each block's statistic, and sends each block's gradient along with it,
+one more shift bringing it home: memory per rank O((n_r + max_r m_r)·D), never the global batch. Same reduction
+rules ("mean" is Σ / N, the global number of rows).
 """
 from __future__ import annotations
 
@@ -60,7 +72,8 @@ def distributed_loss(problem, impl, process_group):
     group = _check_group(process_group)
     world = dist.get_world_size(group)
     if world == 1:
-        _check_negatives(problem.y.shape[1])
+        if problem.loss != "sigmoid":
+            _check_negatives(problem.y.shape[1])
         return losses.loss_from_problem(problem, impl)
     rank = dist.get_rank(group)
     x, y = problem.x, problem.y  # [H, n, D], [H, m, D]
@@ -69,6 +82,8 @@ def distributed_loss(problem, impl, process_group):
     n_sizes, m_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
     n_all, m_all = sum(n_sizes), sum(m_sizes)
     row_offset, col_offset = sum(n_sizes[:rank]), sum(m_sizes[:rank])
+    if problem.loss == "sigmoid":  # defined on a single pair: no negatives needed
+        return distributed_sigmoid(problem, impl, group, sizes)
     _check_negatives(m_all)
 
     row_request = replace(problem.request, cols=False)
@@ -77,11 +92,22 @@ def distributed_loss(problem, impl, process_group):
         x_all, y_all = xy_all[0], xy_all[1]
     else:
         x_all, y_all = None, gather_with_grad(y, m_sizes, dim=1, group=group)
+    row_labels = col_labels = positives = None
+    if problem.labels is not None:
+        lx, ly = problem.labels
+        ly_all = _gather_labels(ly, m_sizes, group)
+        lx_all = _gather_labels(lx, n_sizes, group) if problem.symmetric else None
+        row_labels, col_labels = (lx, ly_all), (ly, lx_all)
+        if losses.uses_label_positives(problem):
+            positives = (losses.label_positive_mean(x, y_all, lx, ly_all),
+                         losses.label_positive_mean(y, x_all, ly, lx_all) if problem.symmetric else None)
 
-    row = impl.compute_stats(x, y_all, problem.tau, problem.margin, problem.targets + col_offset, row_request)
+    row = impl.compute_stats(x, y_all, problem.tau, problem.margin, problem.targets + col_offset, row_request,
+                             **losses.kernel_extras(problem, row_labels))
     if problem.symmetric:
         own = torch.arange(n, device=x.device) + row_offset
-        col = impl.compute_stats(y, x_all, problem.tau, problem.margin, own, row_request)
+        col = impl.compute_stats(y, x_all, problem.tau, problem.margin, own, row_request,
+                                 **losses.kernel_extras(problem, col_labels))
         stats = Stats(pos=row.pos, lse=row.lse, hinge=row.hinge, cnt=row.cnt, hard=row.hard, arg=row.arg,
                       ws=row.ws, lse_c=col.lse, hinge_c=col.hinge, cnt_c=col.cnt, hard_c=col.hard,
                       arg_c=col.arg, ws_c=col.ws)
@@ -90,6 +116,7 @@ def distributed_loss(problem, impl, process_group):
     terms = losses.per_anchor_terms(
         stats, loss=problem.loss, hardest_negative=problem.hardest_negative, tau=problem.tau,
         dystress=problem.request.dystress, margin=problem.margin, symmetric=problem.symmetric,
+        positives=positives,
     )
     total = losses.reduce_terms(terms, loss=problem.loss, hardest_negative=problem.hardest_negative,
                                 reduction="sum" if problem.reduction == "mean" else problem.reduction,
@@ -125,8 +152,14 @@ def distributed_nt_xent(problem, impl, process_group):
     Z = torch.cat((views[0], views[1]), dim=1)  # [H, 2B, D]
     anchors = torch.cat((z1, z2), dim=1)  # [H, 2b, D]: this rank's rows of Z, with their direct gradient
     targets, self_cols = losses.nt_xent_indices(b, offset, total, z1.device)
-    stats = impl.compute_stats(anchors, Z, problem.tau, None, targets, problem.request, self_cols=self_cols)
-    terms = losses.nt_xent_terms(stats, problem.tau, problem.request.dystress, b)
+    extras, positives = {}, None
+    if problem.labels is not None:
+        every = _gather_labels(problem.labels, sizes, group)
+        extras, positives = losses.nt_xent_labeled(problem, anchors, Z, torch.cat((problem.labels, problem.labels)),
+                                                   torch.cat((every, every)), self_cols)
+    stats = impl.compute_stats(anchors, Z, problem.tau, None, targets, problem.request, self_cols=self_cols,
+                               **extras)
+    terms = losses.nt_xent_terms(stats, problem.tau, problem.request.dystress, b, positives)
     reduction = problem.reduction
     local = losses.reduce_terms(terms, loss="infonce", hardest_negative=False,
                                 reduction="sum" if reduction == "mean" else reduction, num_cols=2 * total,
@@ -134,6 +167,99 @@ def distributed_nt_xent(problem, impl, process_group):
     if reduction == "none":
         return local
     return local * world if reduction == "sum" else local * (world / (2 * total))
+
+
+def distributed_sigmoid(problem, impl, group, sizes):
+    """The sigmoid loss of this rank's rows against every rank's y block, passed around the ring (module
+    docstring). ``sizes``: every rank's (n, m)."""
+    world = len(sizes)
+    n_all = sum(s[0] for s in sizes)
+    sig = _SigmoidRing.apply(problem.x, problem.y, problem.tau, problem.bias,
+                             (problem, impl, group, tuple(s[1] for s in sizes)))
+    local = losses.reduce_terms(sig, loss="sigmoid", hardest_negative=False,
+                                reduction="sum" if problem.reduction == "mean" else problem.reduction,
+                                num_cols=problem.y.shape[1], has_heads=problem.has_heads)
+    if problem.reduction == "none":
+        return local
+    return local * world if problem.reduction == "sum" else local * (world / n_all)
+
+
+class _SigmoidRing(torch.autograd.Function):
+    """sig [H, n] of local x against every rank's y block; the blocks (and, backward, their gradients) travel
+    around the ring. Only the local x, y, τ, b and one block at a time are held."""
+
+    @staticmethod
+    def forward(ctx, x, y, tau, bias, meta):
+        problem, impl, group, m_sizes = meta
+        ctx.meta = meta
+        ctx.save_for_backward(x, y, tau, bias)
+        total = None
+        for k, block, labels, targets in _ring_blocks(problem, y, group, m_sizes):
+            sig = impl.compute_stats(x, block, tau, None, targets, problem.request, bias=bias,
+                                     **_labels_arg(problem, labels)).sig
+            total = sig if total is None else total + sig
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        problem, impl, group, m_sizes = ctx.meta
+        x, y, tau, bias = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_() for t in (x, tau, bias)]
+        sums = [torch.zeros_like(t) for t in leaves]
+        carried = None  # the gradient of the block now here, summed over the ranks it has visited
+        for k, block, labels, targets in _ring_blocks(problem, y, group, m_sizes):
+            if k > 0:  # the block moved one rank on; its gradient so far moves with it
+                carried = _ring_shift(carried, block.shape, group)
+            block = block.detach().requires_grad_()
+            with torch.enable_grad():
+                sig = impl.compute_stats(leaves[0], block, leaves[1], None, targets, problem.request,
+                                         bias=leaves[2], **_labels_arg(problem, labels)).sig
+                grads = torch.autograd.grad(sig, leaves + [block], grad)
+            for acc, g in zip(sums, grads[:3]):
+                acc += g
+            carried = grads[3] if carried is None else carried + grads[3]
+        # the last block here is rank + 1's; one more shift brings every block's gradient home
+        dy = _ring_shift(carried, y.shape, group) if len(m_sizes) > 1 else carried
+        return sums[0], dy, sums[1], sums[2], None
+
+
+def _ring_blocks(problem, y, group, m_sizes):
+    """(step k, the y block of rank (rank − k) mod W, its labels, the targets) for k = 0 … W − 1: the local block
+    with the local targets first, then each block received from rank − 1 with no positive (targets −1)."""
+    world, rank = len(m_sizes), dist.get_rank(group)
+    block, labels = y, (problem.labels[1] if problem.labels is not None else None)
+    no_positive = torch.full_like(problem.targets, -1)
+    for k in range(world):
+        if k > 0:
+            source = (rank - k) % world
+            shape = (block.shape[0], m_sizes[source], block.shape[2])
+            block = _ring_shift(block, shape, group)
+            if labels is not None:
+                labels = _ring_shift(labels, (m_sizes[source],), group)
+        yield k, block, labels, (problem.targets if k == 0 else no_positive)
+
+
+def _labels_arg(problem, column_labels) -> dict:
+    if problem.request.same_label is None:
+        return {}
+    return {"labels": (problem.labels[0], column_labels)}
+
+
+def _ring_shift(tensor: torch.Tensor, recv_shape, group) -> torch.Tensor:
+    """Send ``tensor`` to rank + 1 and return what rank − 1 sends (of shape ``recv_shape``), in one batch of
+    point-to-point operations (no ordering deadlock)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    out = tensor.new_empty(recv_shape)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), group=group, group_peer=(rank + 1) % world),
+           dist.P2POp(dist.irecv, out, group=group, group_peer=(rank - 1) % world)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return out
+
+
+def _gather_labels(labels: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """Every rank's labels in rank order (no gradient)."""
+    return gather_with_grad(labels.view(1, -1), sizes, dim=1, group=group).view(-1)
 
 
 def _check_views_total(total: int) -> None:

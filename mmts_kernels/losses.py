@@ -8,7 +8,15 @@ With s = row direction and c = column direction (symmetric losses only), per anc
     max-margin (all)     L_i = hinge_i                       Σ_{j≠t_i} relu(m_i + S_ij − pos_i)
     max-margin (hardest) L_i = relu(m_i + hard_i − pos_i)    VSE++ max_violation
 
+    sigmoid (SigLIP)     L_i = sig_i = Σ_j softplus(−z_ij (S_ij/τ_i + b_i))     one sum over all pairs, no columns
+
 The column direction uses the same τ⁺ and margin (pair j's per-sample values) and the column statistics.
+
+Labels (``same_label``; P_i = the columns with row i's label, the target among them, the row itself excluded):
+"ignore" masks P_i minus t_i out of every statistic (false-negative elimination). "positive": InfoNCE becomes
+SupCon's L_out, L_i = lse_i − mean_{p∈P_i} S_ip/τ_i, with the lse over every column and the mean from per-class
+sums (``label_positive_mean``: exact, O((N + M)·D), no kernel involved); the sigmoid loss gives every p ∈ P_i
+z = +1; max-margin takes no p ∈ P_i as a negative (the two modes agree there).
 Reductions, per head, then summed over heads:
 
     "none"  [2, N] for symmetric losses (row direction, column direction), [N] otherwise; [H, …] with a head axis
@@ -16,6 +24,7 @@ Reductions, per head, then summed over heads:
     "mean"  InfoNCE: ½(mean_i L^row_i + mean_j L^col_j) (or mean_i L_i one-directional)
             max-margin (all): Σ / number of (anchor, negative) terms = 2N(N−1) symmetric, N(M−1) otherwise
             hardest: Σ / number of anchors = 2N symmetric, N otherwise
+            sigmoid: Σ / N, as open_clip and big_vision (the rows: x's samples)
 
 NT-Xent (SimCLR; ``nt_xent_from_problem``): two views z1, z2 [B, D] of B samples, Z = cat(z1, z2) [2B, D]. Anchor a
 of Z has its positive at p(a) = a ± B (its other view) and is itself left out (``self_cols``); it is one-directional
@@ -31,7 +40,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .stats import Stats
+from .stats import Stats, compute_dtype
 from .temperature import DySTreSS
 
 if TYPE_CHECKING:
@@ -47,13 +56,18 @@ def per_anchor_terms(
     dystress: Optional[DySTreSS],
     margin: Optional[torch.Tensor],
     symmetric: bool,
+    positives: Optional[tuple] = None,
 ) -> torch.Tensor:
-    """Per-anchor loss terms, [H, 2, N] when symmetric else [H, N]."""
+    """Per-anchor loss terms, [H, 2, N] when symmetric else [H, N]. ``positives``: the InfoNCE numerators of
+    same_label="positive" (row, column) in place of S_{i,t_i}."""
     pos = stats.pos
+    if loss == "sigmoid":
+        return stats.sig
     if loss == "infonce":
         tau_pos = dystress.on(pos) if dystress is not None else tau.to(pos.dtype)
-        row = stats.lse - pos / tau_pos
-        col = stats.lse_c - pos / tau_pos if symmetric else None
+        pos_row, pos_col = positives if positives is not None else (pos, pos)
+        row = stats.lse - pos_row / tau_pos
+        col = stats.lse_c - pos_col / tau_pos if symmetric else None
     elif hardest_negative:
         m = margin.to(pos.dtype)
         row = torch.relu(m + stats.hard - pos)
@@ -84,17 +98,68 @@ def reduce_terms(
     return per_head.sum()
 
 
+def label_positive_mean(x: torch.Tensor, y: torch.Tensor, labels_x: torch.Tensor, labels_y: torch.Tensor,
+                        self_cols: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """mean_{p ∈ P_i} S_ip [H, N] (compute dtype), P_i = {j : labels_y[j] = labels_x[i]} minus column self_cols[i]
+    (which has row i's label), for x [H, N, D], y [H, M, D]: Σ_{p∈P_i} S_ip = x_i · (Σ_{p∈P_i} y_p), from one sum
+    of y per class, so O((N + M)·D) memory. Classes are found by sorting labels_y (static shapes, no unique()):
+    class c's sum sits at the first position of c in the sorted labels. A row whose class has no column gets NaN
+    (0/0); callers guarantee one (the target)."""
+    cdt = compute_dtype(x.dtype)
+    xs, ys = x.to(cdt), y.to(cdt)
+    M = ys.shape[1]
+    sorted_y, _ = torch.sort(labels_y)
+    slot_y = torch.searchsorted(sorted_y, labels_y)  # [M] in [0, M): one slot per class
+    slot_x = torch.searchsorted(sorted_y, labels_x).clamp(max=M - 1)
+    present = sorted_y[slot_x] == labels_x
+    sums = ys.new_zeros(ys.shape).index_add_(1, slot_y, ys)  # [H, M, D], class sums at their slots
+    counts = torch.zeros(M, dtype=cdt, device=ys.device).index_add_(0, slot_y, torch.ones_like(labels_y, dtype=cdt))
+    total = (xs * sums[:, slot_x]).sum(-1)  # [H, N]
+    count = torch.where(present, counts[slot_x], 0.0)
+    if self_cols is not None:
+        total = total - (xs * ys[:, self_cols]).sum(-1)
+        count = count - 1
+    return total / count
+
+
 def loss_from_problem(problem: Problem, impl) -> torch.Tensor:
     """Statistics from the backend, then the O(N) loss on top of them."""
-    stats = impl.compute_stats(problem.x, problem.y, problem.tau, problem.margin, problem.targets, problem.request)
+    stats = impl.compute_stats(problem.x, problem.y, problem.tau, problem.margin, problem.targets, problem.request,
+                               **kernel_extras(problem))
     terms = per_anchor_terms(
         stats, loss=problem.loss, hardest_negative=problem.hardest_negative, tau=problem.tau,
         dystress=problem.request.dystress, margin=problem.margin, symmetric=problem.symmetric,
+        positives=label_positives(problem, problem.x, problem.y, *problem.labels) if problem.labels else None,
     )
     return reduce_terms(
         terms, loss=problem.loss, hardest_negative=problem.hardest_negative, reduction=problem.reduction,
         num_cols=problem.y.shape[1], has_heads=problem.has_heads,
     )
+
+
+def kernel_extras(problem: Problem, labels: Optional[tuple] = None) -> dict:
+    """The keyword arguments of ``compute_stats`` beyond the positional ones: the sigmoid loss's bias, and the
+    labels when the statistics compare them (``labels``: the pair to use instead of the problem's own)."""
+    extras = {}
+    if problem.request.sigmoid:
+        extras["bias"] = problem.bias
+    if problem.request.same_label is not None:
+        extras["labels"] = labels if labels is not None else problem.labels
+    return extras
+
+
+def uses_label_positives(problem) -> bool:
+    """InfoNCE with same_label="positive": the numerator is the mean over the row's positives."""
+    return problem.same_label == "positive" and getattr(problem, "loss", "infonce") == "infonce"
+
+
+def label_positives(problem: Problem, x, y, labels_x, labels_y) -> Optional[tuple]:
+    """The numerators (row [H, N], column [H, M] or None) of same_label="positive" for rows x against columns y
+    (and, symmetric, columns y against rows x); None when the loss does not use them."""
+    if not uses_label_positives(problem):
+        return None
+    row = label_positive_mean(x, y, labels_x, labels_y)
+    return row, (label_positive_mean(y, x, labels_y, labels_x) if problem.symmetric else None)
 
 
 def nt_xent_indices(b: int, offset: int, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +169,27 @@ def nt_xent_indices(b: int, offset: int, total: int, device) -> tuple[torch.Tens
     return torch.cat((i + total, i)), torch.cat((i, i + total))
 
 
-def nt_xent_terms(stats: Stats, tau: Optional[torch.Tensor], dystress: Optional[DySTreSS], b: int) -> torch.Tensor:
-    """Per-anchor NT-Xent terms [H, 2, b] from the row statistics of the 2b anchors."""
+def nt_xent_terms(stats: Stats, tau: Optional[torch.Tensor], dystress: Optional[DySTreSS], b: int,
+                  positives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-anchor NT-Xent terms [H, 2, b] from the row statistics of the 2b anchors (``positives``: SupCon's
+    numerators, same_label="positive")."""
     terms = per_anchor_terms(stats, loss="infonce", hardest_negative=False, tau=tau, dystress=dystress,
-                             margin=None, symmetric=False)
+                             margin=None, symmetric=False,
+                             positives=(positives, None) if positives is not None else None)
     return terms.view(terms.shape[0], 2, b)
+
+
+def nt_xent_labeled(problem: NTXentProblem, anchors: torch.Tensor, Z: torch.Tensor, anchor_labels, all_labels,
+                    self_cols: torch.Tensor):
+    """(compute_stats keyword arguments, SupCon numerators or None) of NT-Xent with labels: the anchors' labels
+    against Z's (each sample's label on both of its rows)."""
+    if problem.labels is None:
+        return {}, None
+    extras = {"labels": (anchor_labels, all_labels)} if problem.request.same_label is not None else {}
+    positives = None
+    if problem.same_label == "positive":  # SupCon L_out: every other row of the class, the other view included
+        positives = label_positive_mean(anchors, Z, anchor_labels, all_labels, self_cols=self_cols)
+    return extras, positives
 
 
 def nt_xent_from_problem(problem: NTXentProblem, impl) -> torch.Tensor:
@@ -116,7 +197,9 @@ def nt_xent_from_problem(problem: NTXentProblem, impl) -> torch.Tensor:
     B = problem.z1.shape[1]
     Z = torch.cat((problem.z1, problem.z2), dim=1)
     targets, self_cols = nt_xent_indices(B, 0, B, Z.device)
-    stats = impl.compute_stats(Z, Z, problem.tau, None, targets, problem.request, self_cols=self_cols)
-    terms = nt_xent_terms(stats, problem.tau, problem.request.dystress, B)
+    z_labels = torch.cat((problem.labels, problem.labels)) if problem.labels is not None else None
+    extras, positives = nt_xent_labeled(problem, Z, Z, z_labels, z_labels, self_cols)
+    stats = impl.compute_stats(Z, Z, problem.tau, None, targets, problem.request, self_cols=self_cols, **extras)
+    terms = nt_xent_terms(stats, problem.tau, problem.request.dystress, B, positives)
     return reduce_terms(terms, loss="infonce", hardest_negative=False, reduction=problem.reduction,
                         num_cols=2 * B, has_heads=problem.has_heads)

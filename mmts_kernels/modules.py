@@ -11,7 +11,11 @@
                       set, not the batch) and looked up with the dataset indices of the batch. Optional linear
                       warm-up blends a start value into the schedule: v(t) = s + (v_i(t) − s)·min(t/W, 1).
 
-Both are stateless in the step (it is passed at call time) and forward ``process_group`` to ``contrastive_loss``.
+    SigmoidLoss       SigLIP's sigmoid loss (``mk.sigmoid_loss``) with open_clip's learnable parameters: logit_scale =
+                      log(1/τ) and logit_bias, initialized to log 10 and −10 (τ = 0.1), the scale clamped like
+                      ContrastiveLoss's.
+
+All are stateless in the step (it is passed at call time) and forward ``process_group`` to the loss.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from . import schedules
-from .api import contrastive_loss
+from .api import contrastive_loss, sigmoid_loss
 from .clusters import Clusters
 from .temperature import MAX_TEMPERATURE, DySTreSS, logit_scale_message
 from .validation import check_tensor_layout
@@ -37,9 +41,9 @@ class ContrastiveLoss(nn.Module):
                             from ``temperature``, which must lie in [1/max_logit_scale, 1]), clamped in place to
                             [0, log(max_logit_scale)] at each forward, as open_clip clamps after each step.
     max_logit_scale:        the clamp of 1/τ (100, as CLIP / open_clip).
-    Every other argument is the one of ``mk.contrastive_loss`` (``process_group`` included).
+    Every other argument is the one of ``mk.contrastive_loss`` (``process_group`` and ``same_label`` included).
 
-    ``forward(x, y, targets=None)`` returns the loss.
+    ``forward(x, y, targets=None, labels=None)`` returns the loss (``labels``: as ``mk.contrastive_loss``).
     """
 
     def __init__(
@@ -58,14 +62,12 @@ class ContrastiveLoss(nn.Module):
         backend: str = "auto",
         deterministic: Optional[bool] = None,
         process_group=None,
+        same_label: str = "positive",
     ):
         super().__init__()
         if not isinstance(learnable_temperature, bool):
             raise TypeError(f"learnable_temperature must be a bool, got {type(learnable_temperature).__name__}")
-        if isinstance(max_logit_scale, bool) or not isinstance(max_logit_scale, Real) or not (
-                math.isfinite(max_logit_scale) and max_logit_scale >= 1):
-            raise ValueError(f"max_logit_scale must be a finite number >= 1, got {max_logit_scale!r}")
-        self.max_logit_scale = float(max_logit_scale)
+        self.max_logit_scale = _check_max_logit_scale(max_logit_scale)
         self._dystress: Optional[DySTreSS] = None
         self._fixed: Optional[float] = None
         self.logit_scale: Optional[nn.Parameter] = None
@@ -100,7 +102,7 @@ class ContrastiveLoss(nn.Module):
             self._margin_value = margin
         self.options = dict(loss=loss, hardest_negative=hardest_negative, symmetric=symmetric, reduction=reduction,
                             normalize=normalize, check_finite=check_finite, backend=backend,
-                            deterministic=deterministic)
+                            deterministic=deterministic, same_label=same_label)
         self.process_group = process_group
 
     @property
@@ -116,17 +118,106 @@ class ContrastiveLoss(nn.Module):
     def margin(self) -> Union[float, torch.Tensor]:
         return self._margin if self._margin is not None else self._margin_value
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.logit_scale is not None:  # open_clip's clamp of the parameter (not of its use: gradients stay alive)
-            with torch.no_grad():
-                self.logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
+    def forward(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                labels=None) -> torch.Tensor:
+        if self.logit_scale is not None:
+            _clamp_logit_scale(self.logit_scale, self.max_logit_scale)
         return contrastive_loss(x, y, temperature=self.temperature, margin=self.margin, targets=targets,
-                                process_group=self.process_group, **self.options)
+                                labels=labels, process_group=self.process_group, **self.options)
 
     def extra_repr(self) -> str:
         tau = "learnable" if self.logit_scale is not None else repr(self.temperature if self._temperature is None
                                                                     else "tensor")
         return f"temperature={tau}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SigmoidLoss(nn.Module):
+    """``mk.sigmoid_loss`` as a module, learnable as open_clip's SigLIP models learn it.
+
+    temperature, bias:  the initial τ (a float in [1/max_logit_scale, 1]) and bias (a float); with
+                        ``learnable=False`` fixed values instead: floats, 0-dim or [N] tensors (kept as buffers).
+    learnable:          ``logit_scale`` = log(1/τ) and ``logit_bias`` are ``nn.Parameter``s (open_clip's SigLIP
+                        initialization is the default: logit_scale = log 10, logit_bias = −10); logit_scale is
+                        clamped in place to [0, log(max_logit_scale)] at each forward.
+    Every other argument is the one of ``mk.sigmoid_loss``.
+
+    ``forward(x, y, targets=None, labels=None)`` returns the loss.
+    """
+
+    def __init__(
+        self,
+        temperature: Union[float, torch.Tensor] = 0.1,
+        bias: Union[float, torch.Tensor] = -10.0,
+        *,
+        learnable: bool = True,
+        max_logit_scale: float = 100.0,
+        same_label: str = "positive",
+        reduction: str = "mean",
+        normalize: bool = False,
+        check_finite: bool = False,
+        backend: str = "auto",
+        deterministic: Optional[bool] = None,
+        process_group=None,
+    ):
+        super().__init__()
+        if not isinstance(learnable, bool):
+            raise TypeError(f"learnable must be a bool, got {type(learnable).__name__}")
+        self.max_logit_scale = _check_max_logit_scale(max_logit_scale)
+        self.logit_scale: Optional[nn.Parameter] = None
+        self.logit_bias: Optional[nn.Parameter] = None
+        if learnable:
+            tau = _scalar_temperature(temperature)
+            if not 1.0 / self.max_logit_scale <= tau <= 1.0:
+                raise ValueError(f"temperature: a learnable temperature must start in [1/max_logit_scale, 1] = "
+                                 f"[{1.0 / self.max_logit_scale:g}, 1], got {tau:g}")
+            if isinstance(bias, bool) or not isinstance(bias, Real) or not math.isfinite(bias):
+                raise ValueError(f"bias: a learnable bias starts from a finite float, got {bias!r}")
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau)))
+            self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
+            self._fixed = None
+        else:
+            for name, value in (("temperature", temperature), ("bias", bias)):
+                if isinstance(value, torch.Tensor):
+                    check_tensor_layout(name, value)
+                    if value.dim() > 1:
+                        raise ValueError(f"{name} must be a float, a 0-dim or [N] tensor, got {tuple(value.shape)}")
+            self._fixed = (temperature.detach().clone() if isinstance(temperature, torch.Tensor) else temperature,
+                           bias.detach().clone() if isinstance(bias, torch.Tensor) else bias)
+        self.options = dict(same_label=same_label, reduction=reduction, normalize=normalize,
+                            check_finite=check_finite, backend=backend, deterministic=deterministic)
+        self.process_group = process_group
+
+    @property
+    def temperature(self) -> Union[float, torch.Tensor]:
+        """τ as the loss gets it (a differentiable 0-dim tensor when learnable)."""
+        return torch.exp(-self.logit_scale) if self.logit_scale is not None else self._fixed[0]
+
+    @property
+    def bias(self) -> Union[float, torch.Tensor]:
+        return self.logit_bias if self.logit_bias is not None else self._fixed[1]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                labels=None) -> torch.Tensor:
+        if self.logit_scale is not None:
+            _clamp_logit_scale(self.logit_scale, self.max_logit_scale)
+        return sigmoid_loss(x, y, self.temperature, self.bias, targets=targets, labels=labels,
+                            process_group=self.process_group, **self.options)
+
+    def extra_repr(self) -> str:
+        values = "learnable" if self.logit_scale is not None else "fixed"
+        return f"{values}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _check_max_logit_scale(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"max_logit_scale must be a finite number >= 1, got {value!r}")
+    return float(value)
+
+
+def _clamp_logit_scale(logit_scale: nn.Parameter, max_logit_scale: float) -> None:
+    """open_clip's clamp of the parameter after each step (here before its use; its gradient stays alive)."""
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, math.log(max_logit_scale))
 
 
 class MMTSLoss(nn.Module):
@@ -139,11 +230,12 @@ class MMTSLoss(nn.Module):
     alpha, shift_min, shift_max:  the schedule (official argparse defaults; the EK-100 run used 0.2, 0.17, 0.30).
     loss:             "infonce" (the value is the temperature) or "max_margin" (the value is the margin).
     warmup_steps, warmup_start:  optional linear warm-up from ``warmup_start`` into the schedule.
-    hardest_negative, symmetric, reduction, normalize, check_finite, backend, deterministic, process_group:
-                      forwarded to ``mk.contrastive_loss``.
+    hardest_negative, symmetric, reduction, normalize, check_finite, backend, deterministic, process_group,
+    same_label:       forwarded to ``mk.contrastive_loss``.
 
-    ``forward(x, y, *, step, index=None, targets=None)``: ``index`` [N] are the dataset indices of the batch
-    (may be omitted only when the batch is the whole dataset in order). ``step`` is a number or a 0-dim tensor.
+    ``forward(x, y, *, step, index=None, targets=None, labels=None)``: ``index`` [N] are the dataset indices of the
+    batch (may be omitted only when the batch is the whole dataset in order). ``step`` is a number or a 0-dim tensor.
+    ``labels``: the batch's classes (e.g. the cluster ids behind ``cluster_sizes``), as ``mk.contrastive_loss``.
     """
 
     def __init__(
@@ -167,6 +259,7 @@ class MMTSLoss(nn.Module):
         backend: str = "auto",
         deterministic: Optional[bool] = None,
         process_group=None,
+        same_label: str = "positive",
     ):
         super().__init__()
         if isinstance(cluster_sizes, Clusters):
@@ -205,7 +298,7 @@ class MMTSLoss(nn.Module):
         self.register_buffer("shift", schedules.cluster_shift(cluster_sizes, shift_min, shift_max, **extremes).float())
         self.options = dict(hardest_negative=hardest_negative, symmetric=symmetric, reduction=reduction,
                             normalize=normalize, check_finite=check_finite, backend=backend,
-                            deterministic=deterministic)
+                            deterministic=deterministic, same_label=same_label)
         self.process_group = process_group
 
     @property
@@ -224,7 +317,7 @@ class MMTSLoss(nn.Module):
         return value
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, step, index: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, labels=None) -> torch.Tensor:
         if index is None:
             n = x.shape[-2] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
             if n != self.num_samples:
@@ -234,8 +327,8 @@ class MMTSLoss(nn.Module):
         if isinstance(x, torch.Tensor):
             value = value.to(x.device)
         kw = {"temperature": value} if self.loss == "infonce" else {"margin": value}
-        return contrastive_loss(x, y, loss=self.loss, targets=targets, process_group=self.process_group,
-                                **kw, **self.options)
+        return contrastive_loss(x, y, loss=self.loss, targets=targets, labels=labels,
+                                process_group=self.process_group, **kw, **self.options)
 
     def _check_index(self, index) -> torch.Tensor:
         if not isinstance(index, torch.Tensor):

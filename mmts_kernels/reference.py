@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .stats import Stats, StatsRequest, compute_dtype
 from .topk import torch_topk as compute_topk  # noqa: F401  (the top-k statistic's reference)
@@ -27,10 +28,13 @@ def compute_stats(
     request: StatsRequest,
     self_cols: Optional[torch.Tensor] = None,
     *,
+    bias: Optional[torch.Tensor] = None,
+    labels: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     upcast: bool = True,
 ) -> Stats:
-    """Statistics of S = x yᵀ, materialized. Excluded entries (``self_cols``, and the positive from the lse when
-    ``request.decoupled``) are masked out of the materialized S; autograd gives them zero gradient.
+    """Statistics of S = x yᵀ, materialized. Excluded entries (``self_cols``, same-label columns under
+    ``same_label="mask"``, and the positive from the lse when ``request.decoupled``) are masked out of the
+    materialized S; autograd gives them zero gradient.
 
     ``upcast=True`` (the backend) computes S in fp32 (fp64 for fp64 inputs). ``upcast=False`` computes S in the
     input dtype and only then upcasts: the "torch in the same low precision" baseline the accuracy tests
@@ -43,10 +47,21 @@ def compute_stats(
         S = torch.matmul(x, y.transpose(-1, -2)).to(cdt)
     H, N, M = S.shape
     columns = torch.arange(M, device=S.device).view(1, 1, M)
-    is_pos = targets.view(1, N, 1) == columns  # [1, N, M]
+    is_pos = targets.view(1, N, 1) == columns  # [1, N, M]; all False in a row whose target is −1
     is_self = (self_cols.view(1, N, 1) == columns) if self_cols is not None else torch.zeros_like(is_pos)
-    pos = S.gather(2, targets.view(1, N, 1).expand(H, N, 1)).squeeze(2)
+    same = (labels[0].view(1, N, 1) == labels[1].view(1, 1, M)) if request.same_label else torch.zeros_like(is_pos)
+    if request.same_label == "mask":
+        # false-negative elimination: same-label columns other than the target leave every statistic, as the row
+        # itself does; the matrix serves the column direction too (there the target is the diagonal)
+        is_self = is_self | (same & ~is_pos)
+    has_pos = (targets >= 0).view(1, N, 1)
+    pos = torch.where(has_pos, S.gather(2, targets.clamp(min=0).view(1, N, 1).expand(H, N, 1)), 0.0).squeeze(2)
     out = {"pos": pos}
+    if request.sigmoid:  # u_ij = S_ij/τ_i + b_i, sig_i = Σ_j softplus(−z_ij u_ij)
+        positive = is_pos | same if request.same_label == "positive" else is_pos
+        z = torch.where(positive, 1.0, -1.0).to(cdt)
+        u = S / tau.to(cdt).unsqueeze(2) + bias.to(cdt).unsqueeze(2)
+        out["sig"] = F.softplus(-z * u).masked_fill(is_self, 0.0).sum(2)
 
     if request.lse:
         if request.dystress is not None:
@@ -57,18 +72,19 @@ def compute_stats(
         logits = (S / tau_rows).masked_fill(out_of_lse, float("-inf"))
         out["lse"], out["ws"] = _lse_ws(S, logits, dim=2, want_ws=request.ws)
         if request.cols:
-            out["lse_c"], out["ws_c"] = _lse_ws(S, S / tau_cols, dim=1, want_ws=request.ws)
+            out["lse_c"], out["ws_c"] = _lse_ws(S, (S / tau_cols).masked_fill(is_self, float("-inf")), dim=1,
+                                                want_ws=request.ws)
 
     if request.hinge:
         m = margin.to(cdt)
         out["hinge"], out["cnt"] = _hinge(m.unsqueeze(2) + S - pos.unsqueeze(2), is_pos | is_self, dim=2)
         if request.cols:  # column j: positive S_jj = pos[j], margin m_j
-            out["hinge_c"], out["cnt_c"] = _hinge(m.unsqueeze(1) + S - pos.unsqueeze(1), is_pos, dim=1)
+            out["hinge_c"], out["cnt_c"] = _hinge(m.unsqueeze(1) + S - pos.unsqueeze(1), is_pos | is_self, dim=1)
 
     if request.hard:
         out["hard"], out["arg"] = _first_max(S.masked_fill(is_pos | is_self, float("-inf")), dim=2)
         if request.cols:
-            out["hard_c"], out["arg_c"] = _first_max(S.masked_fill(is_pos, float("-inf")), dim=1)
+            out["hard_c"], out["arg_c"] = _first_max(S.masked_fill(is_pos | is_self, float("-inf")), dim=1)
     return Stats(**out)
 
 

@@ -18,7 +18,8 @@ import torch
 from .stats import StatsRequest, compute_dtype
 from .temperature import MAX_TEMPERATURE, DySTreSS, logit_scale_message
 
-LOSSES = ("infonce", "max_margin")
+LOSSES = ("infonce", "max_margin", "sigmoid")
+SAME_LABEL = ("positive", "ignore")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton", "cpp")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -28,15 +29,18 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 class Problem:
     x: torch.Tensor  # [H, N, D]
     y: torch.Tensor  # [H, M, D]
-    tau: Optional[torch.Tensor]  # [H, N] per-sample temperature (None: DySTreSS, or not an InfoNCE loss)
+    tau: Optional[torch.Tensor]  # [H, N] per-sample temperature (None: DySTreSS, or a max-margin loss)
     margin: Optional[torch.Tensor]  # [H, N] per-sample margin (None: not a max-margin loss)
     targets: torch.Tensor  # [N] int64
     loss: str
     hardest_negative: bool
-    symmetric: bool
+    symmetric: bool  # both directions (InfoNCE, max-margin); the sigmoid loss is one sum over all pairs: False
     reduction: str
     has_heads: bool
     request: StatsRequest
+    bias: Optional[torch.Tensor] = None  # [H, N] per-sample bias of the sigmoid loss
+    labels: Optional[tuple] = None  # (labels_x [N], labels_y [M]) int64, or None
+    same_label: Optional[str] = None  # "positive" | "ignore" when labels are given
 
 
 def validate(
@@ -55,9 +59,12 @@ def validate(
     deterministic,
     normalize=False,
     distributed=False,
+    bias=None,
+    labels=None,
+    same_label="positive",
 ) -> Problem:
     """``distributed``: the batch is one rank's share; checks that need the global batch (M ≥ 2) are left to
-    ``mmts_kernels.distributed``."""
+    ``mmts_kernels.distributed``. ``bias``: the sigmoid loss's (ignored by the others, which refuse it upstream)."""
     _check_choice("loss", loss, LOSSES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)
@@ -86,34 +93,104 @@ def validate(
         if N != M:
             raise ValueError(f"symmetric=True needs as many rows as columns (x has N={N}, y has M={M}); "
                              "pass symmetric=False for a rectangular batch")
-    if M < 2 and not distributed:
+    if M < 2 and not distributed and loss != "sigmoid":  # the sigmoid loss is defined on a single pair
         raise ValueError(f"y must hold at least 2 samples (M={M}): every row needs a negative")
     targets = _check_targets(targets, N, M, x3.device, checking_values)
+    _check_choice("same_label", same_label, SAME_LABEL)
+    label_pair = check_labels(labels, N, M, x3.device, checking_values, targets=targets)
 
     cdt = compute_dtype(x3.dtype)
-    tau = margin_t = dystress = None
-    if loss == "infonce":
-        tau, dystress = check_temperature(temperature, H, N, x3.device, cdt, checking_values)
-    else:
+    tau = margin_t = dystress = bias_t = None
+    if loss == "max_margin":
         margin_t = _per_sample("margin", margin, H, N, x3.device, cdt, checking_values, positive=False)
+    else:
+        tau, dystress = check_temperature(temperature, H, N, x3.device, cdt, checking_values)
+    if loss == "sigmoid":
+        if dystress is not None:
+            raise ValueError("temperature: the sigmoid loss takes a float or a per-sample tensor, not DySTreSS "
+                             "(its τ(S) is defined for the softmax of InfoNCE)")
+        bias_t = _per_sample("bias", bias, H, N, x3.device, cdt, checking_values, positive=False)
+    if label_pair is not None and same_label == "positive" and dystress is not None:
+        raise ValueError("same_label='positive' averages S_ip/τ_i over the positives, which needs a per-sample "
+                         "temperature; with DySTreSS pass same_label='ignore'")
 
     if check_finite and checking_values:
-        for name, t in (("x", x3), ("y", y3), ("temperature", tau), ("margin", margin_t)):
+        for name, t in (("x", x3), ("y", y3), ("temperature", tau), ("margin", margin_t), ("bias", bias_t)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
 
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    sigmoid = loss == "sigmoid"
     request = StatsRequest(
         lse=loss == "infonce",
         hinge=loss == "max_margin" and not hardest_negative,
         hard=loss == "max_margin" and hardest_negative,
-        ws=tau is not None and tau.requires_grad,
-        cols=symmetric,
+        ws=loss == "infonce" and tau is not None and tau.requires_grad,
+        cols=symmetric and not sigmoid,
         dystress=dystress,
         deterministic=deterministic,
+        sigmoid=sigmoid,
+        same_label=kernel_same_label(loss, same_label) if label_pair is not None else None,
     )
-    return Problem(x3, y3, tau, margin_t, targets, loss, hardest_negative, symmetric, reduction, has_heads, request)
+    return Problem(x3, y3, tau, margin_t, targets, loss, hardest_negative, symmetric and not sigmoid, reduction,
+                   has_heads, request, bias=bias_t, labels=label_pair,
+                   same_label=same_label if label_pair is not None else None)
+
+
+def kernel_same_label(loss: str, same_label: str, decoupled: bool = False) -> Optional[str]:
+    """What the statistics do with same-label columns (``StatsRequest.same_label``) for a loss's ``same_label``:
+    "ignore" masks them out of every statistic. "positive": the sigmoid loss counts them as positives; InfoNCE
+    keeps them in the lse and averages them in the numerator outside the kernels (``losses.label_positive_mean``),
+    unless decoupled (DCL drops every positive from the denominator, i.e. masks them); max-margin never takes them
+    as negatives."""
+    if same_label == "ignore":
+        return "mask"
+    if loss == "sigmoid":
+        return "positive"
+    if loss == "infonce" and not decoupled:
+        return None
+    return "mask"
+
+
+def check_labels(labels, N: int, M: int, device, checking_values: bool, *, targets: Optional[torch.Tensor],
+                 name: str = "labels"):
+    """``labels``: None, an [N] integer tensor (square batches: rows and columns share it), or a pair
+    (labels_x [N], labels_y [M]). Returns (labels_x, labels_y) as int64, or None. With ``targets`` every row's
+    target column must carry the row's label (it is one of the row's positives)."""
+    if labels is None:
+        return None
+    if isinstance(labels, torch.Tensor):
+        if N != M:
+            raise ValueError(f"{name}: one [N] tensor labels a square batch; x has N={N} rows and y M={M}, so pass a "
+                             f"pair ({name}_x [N], {name}_y [M])")
+        pair = (labels, labels)
+    elif isinstance(labels, (tuple, list)) and len(labels) == 2:
+        pair = tuple(labels)
+    else:
+        raise TypeError(f"{name} must be an integer tensor [N] or a pair of them ([N], [M]), got "
+                        f"{type(labels).__name__}")
+    out = []
+    for part, t, size in zip(("x", "y"), pair, (N, M)):
+        what = name if pair[0] is pair[1] else f"{name} ({part} side)"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be an integer torch.Tensor, got {type(t).__name__}")
+        check_tensor_layout(what, t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{what} must have an integer dtype (class ids), got {t.dtype}")
+        if t.shape != (size,):
+            raise ValueError(f"{what} must have shape [{size}], got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{what} must be on the device of x ({device}), got {t.device}")
+        out.append(t.long())
+    lx, ly = out
+    if checking_values and targets is not None and N > 0:
+        bad = lx != ly[targets]
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{name}: row {i}'s target column {int(targets[i])} has label {int(ly[targets[i]])}, "
+                             f"not the row's {int(lx[i])}; a row's target is one of its positives")
+    return lx, ly
 
 
 def check_tensor_layout(name: str, t: torch.Tensor) -> None:
@@ -280,10 +357,12 @@ class NTXentProblem:
     reduction: str
     has_heads: bool
     request: StatsRequest
+    labels: Optional[torch.Tensor] = None  # [B] int64 class of each sample (both views share it), or None
+    same_label: Optional[str] = None  # "positive" | "ignore" when labels are given
 
 
 def validate_nt_xent(z1, z2, *, temperature, decoupled, reduction, normalize, backend, deterministic,
-                     distributed=False) -> NTXentProblem:
+                     distributed=False, labels=None, same_label="positive") -> NTXentProblem:
     """The arguments of ``mk.nt_xent``. ``temperature``: a float, 0-dim, [B] per sample (both views of sample i use
     τ_i), [2B] per anchor (z1's anchors, then z2's), [H, B] / [H, 2B], or ``DySTreSS``. ``distributed``: B is this
     rank's share; the global B ≥ 2 is checked by ``mmts_kernels.distributed``."""
@@ -303,11 +382,23 @@ def validate_nt_xent(z1, z2, *, temperature, decoupled, reduction, normalize, ba
     checking_values = not torch.compiler.is_compiling() and not on_meta
     cdt = compute_dtype(z1.dtype)
     tau, dystress = check_temperature(_per_anchor(temperature, H, B), H, 2 * B, z1.device, cdt, checking_values)
+    _check_choice("same_label", same_label, SAME_LABEL)
+    if isinstance(labels, (tuple, list)):
+        raise TypeError("labels: nt_xent takes one [B] tensor, the class of each sample (both views share it)")
+    pair = check_labels(labels, B, B, z1.device, checking_values, targets=None)
+    if pair is not None and decoupled and checking_values and not distributed and bool((pair[0] == pair[0][0]).all()):
+        raise ValueError("labels: with decoupled=True every anchor needs a negative of another class, but all B "
+                         "samples share one label (the loss would be log 0)")
+    if pair is not None and same_label == "positive" and dystress is not None:
+        raise ValueError("same_label='positive' averages S_ap/τ_a over the positives, which needs a per-sample "
+                         "temperature; with DySTreSS pass same_label='ignore'")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     request = StatsRequest(lse=True, ws=tau is not None and tau.requires_grad, dystress=dystress,
-                           deterministic=deterministic, decoupled=decoupled)
-    return NTXentProblem(z1, z2, tau, reduction, has_heads, request)
+                           deterministic=deterministic, decoupled=decoupled,
+                           same_label=kernel_same_label("infonce", same_label, decoupled) if pair else None)
+    return NTXentProblem(z1, z2, tau, reduction, has_heads, request, labels=pair[0] if pair else None,
+                         same_label=same_label if pair else None)
 
 
 def check_views(z1, z2):

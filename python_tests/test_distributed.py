@@ -53,6 +53,7 @@ class Case:
     backend: str = "torch"
     module: Optional[str] = None  # through a loss module: "contrastive" (mk ContrastiveLoss, learnable τ) | "mmts"
     seed: int = 0
+    same_label: Optional[str] = None  # with class labels (3 classes): "positive" | "ignore"
 
 
 def _cases() -> list[Case]:
@@ -98,6 +99,25 @@ def _cases() -> list[Case]:
         Case("module-mmts-infonce", mode="float", module="mmts", seed=112),
         Case("module-mmts-max_margin-sum", loss="max_margin", mode="float", module="mmts", reduction="sum",
              seed=113),
+        # The sigmoid loss: y blocks passed around the ring (τ as the mode says, a learnable bias).
+        Case("sigmoid-mean-sym", loss="sigmoid", mode="learnable_per_sample", seed=140),
+        Case("sigmoid-none-onedir", loss="sigmoid", symmetric=False, reduction="none", seed=141),
+        Case("sigmoid-sum-heads-f32", loss="sigmoid", mode="learnable_scalar", heads=2, reduction="sum",
+             dtype=torch.float32, seed=142),
+        Case("sigmoid-ddp-equal", loss="sigmoid", mode="learnable_per_sample", ddp=True, equal=True, seed=143),
+        Case("sigmoid-labels-positive-onedir", loss="sigmoid", symmetric=False, same_label="positive", seed=144),
+        Case("sigmoid-labels-ignore", loss="sigmoid", same_label="ignore", mode="learnable_per_sample", seed=145),
+        Case("cpp-sigmoid-onedir", loss="sigmoid", symmetric=False, mode="learnable_per_sample", backend="cpp",
+             seed=146),
+        Case("triton-sigmoid-f32", loss="sigmoid", mode="learnable_per_sample", dtype=torch.float32,
+             backend="triton", seed=147),
+        # Label-aware positives: labels gathered with the features.
+        Case("infonce-labels-positive-sym", same_label="positive", mode="learnable_per_sample", seed=150),
+        Case("infonce-labels-ignore-onedir-none", same_label="ignore", symmetric=False, reduction="none", seed=151),
+        Case("max_margin-labels-positive", loss="max_margin", same_label="positive", seed=152),
+        Case("cpp-infonce-labels-positive-onedir", same_label="positive", symmetric=False, backend="cpp",
+             mode="learnable_per_sample", seed=153),
+        Case("cpp-infonce-labels-ignore-sym", same_label="ignore", backend="cpp", seed=154),
     ]
     return out
 
@@ -120,6 +140,7 @@ class Towers(torch.nn.Module):
         self.value_head = torch.nn.Linear(DIN, H if case.heads else 1)
         base = 0.1 if case.loss == "infonce" else 0.2
         self.log_value = torch.nn.Parameter(torch.tensor(math.log(base)))
+        self.bias = torch.nn.Parameter(torch.tensor(-2.0))  # the sigmoid loss's b
 
     def embed(self, enc, a):
         z = enc(a)
@@ -139,7 +160,7 @@ class Towers(torch.nn.Module):
             value = value.T if self.case.heads else value.squeeze(1)
         else:
             value = mk.DySTreSS(0.1, 0.2)
-        return x, y, value
+        return x, y, ((value, self.bias) if self.case.loss == "sigmoid" else value)
 
 
 def _sizes(case: Case, world: int):
@@ -164,12 +185,17 @@ def build(case: Case, world: int):
         offsets = [sum(m_sizes[:r]) for r in range(world)]
         targets = {"local": local, "global": torch.cat([t + o for t, o in zip(local, offsets)])}
     if case.reduction == "none":
-        shape = ([case.heads] if case.heads else []) + ([2] if case.symmetric else []) + [N]
+        shape = ([case.heads] if case.heads else []) + ([2] if case.symmetric and case.loss != "sigmoid" else []) + [N]
         upstream = 0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
     else:
         upstream = torch.tensor(0.5 + torch.rand((), generator=g, dtype=torch.float64).item())
     index = torch.randperm(DATASET_SIZE, generator=g)[:N] if case.module == "mmts" else None
-    return model, a, b, fixed, targets, upstream, index
+    labels = None
+    if case.same_label is not None:  # 3 classes; a row's target carries its label
+        label_y = torch.randint(0, 3, (M,), generator=g)
+        label_x = label_y if case.symmetric else label_y[targets["global"]]
+        labels = {"x": label_x, "y": label_y}
+    return model, a, b, fixed, targets, upstream, index, labels
 
 
 def loss_module(case: Case, group):
@@ -184,10 +210,14 @@ def loss_module(case: Case, group):
     return modules.MMTSLoss(cluster_sizes, period=100, alpha=0.2, shift_min=0.17, shift_max=0.30, **common)
 
 
-def compute_loss(case: Case, x, y, value, targets, index, group):
+def compute_loss(case: Case, x, y, value, targets, index, group, labels=None):
     """The loss under test: ``mk.contrastive_loss`` or a loss module, with ``process_group=group``."""
     if case.module is None:
-        return mk.contrastive_loss(x, y, process_group=group, **loss_kwargs(case, value, targets))
+        kw = loss_kwargs(case, value, targets)
+        if labels is not None:
+            kw.update(labels=labels["x"] if case.symmetric else (labels["x"], labels["y"]),
+                      same_label=case.same_label)
+        return mk.contrastive_loss(x, y, process_group=group, **kw)
     module = loss_module(case, group).to(x.dtype)  # a float64 case learns a float64 temperature
     if case.module == "contrastive":
         return module(x, y, targets), module
@@ -195,9 +225,11 @@ def compute_loss(case: Case, x, y, value, targets, index, group):
 
 
 def loss_kwargs(case: Case, value, targets):
-    key = "temperature" if case.loss == "infonce" else "margin"
+    key = "margin" if case.loss == "max_margin" else "temperature"
     kw = dict(loss=case.loss, hardest_negative=case.hardest, reduction=case.reduction, symmetric=case.symmetric,
               backend=case.backend, normalize=case.mode == "dystress")
+    if case.loss == "sigmoid":
+        value, kw["bias"] = value
     kw[key] = value
     if targets is not None:
         kw["targets"] = targets
@@ -208,9 +240,9 @@ def single_process(case: Case, world: int):
     """Loss and parameter gradients of one process on the concatenated batch, in float64, on the torch reference
     whatever backend the ranks use."""
     case = replace(case, backend="torch")
-    model, a, b, fixed, targets, upstream, index = build(case, world)
+    model, a, b, fixed, targets, upstream, index, labels = build(case, world)
     x, y, value = model(a, b, fixed)
-    out = compute_loss(case, x, y, value, None if targets is None else targets["global"], index, None)
+    out = compute_loss(case, x, y, value, None if targets is None else targets["global"], index, None, labels)
     out, module = out if isinstance(out, tuple) else (out, None)
     (out * upstream).sum().backward()
     return out.detach(), _grads(model, module)
@@ -230,18 +262,20 @@ def _grads(model, module=None) -> dict:
 # The spawned group.
 
 def _run_case(case: Case, rank: int, world: int, group):
-    model, a, b, fixed, targets, upstream, index = build(case, world)
+    model, a, b, fixed, targets, upstream, index, labels = build(case, world)
     model = model.to(case.dtype)
     n_sizes, m_sizes = _sizes(case, world)
     rows = slice(sum(n_sizes[:rank]), sum(n_sizes[: rank + 1]))
     cols = slice(sum(m_sizes[:rank]), sum(m_sizes[: rank + 1]))
+    if labels is not None:
+        labels = {"x": labels["x"][rows], "y": labels["y"][cols]}
     a, b, fixed = a[rows].to(case.dtype), b[cols].to(case.dtype), fixed[rows].to(case.dtype)
     # The value head is unused when τ / the margin is a float or comes from the loss module.
     net = torch.nn.parallel.DistributedDataParallel(model, process_group=group,
                                                     find_unused_parameters=case.mode == "float") if case.ddp else model
     x, y, value = net(a, b, fixed)
     out = compute_loss(case, x, y, value, None if targets is None else targets["local"][rank],
-                       None if index is None else index[rows], group)
+                       None if index is None else index[rows], group, labels)
     out, module = out if isinstance(out, tuple) else (out, None)
     if case.reduction == "none":  # the rank's columns of the single-process output; × W feeds DDP's average
         objective = world * (out.double() * upstream[..., rows]).sum()

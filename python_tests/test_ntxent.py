@@ -459,13 +459,25 @@ def test_dystress_detach_must_be_bool():
 # Distributed: 2 gloo processes with unequal local batches against one process on the concatenated batch.
 
 LOCAL_SIZES = (3, 5)
-DIST_CASES = [  # (name, backend, reduction, temperature mode, decoupled, heads)
-    ("torch-mean-learnable", "torch", "mean", "learnable_per_sample", False, None),
-    ("torch-none-dystress-grad-dcl", "torch", "none", "dystress_grad", True, None),
-    ("cpp-sum-per-anchor-heads", "cpp", "sum", "learnable_per_anchor", False, 2),
-    ("cpp-mean-dcl-float", "cpp", "mean", "float", True, None),
-    ("cpp-none-dystress", "cpp", "none", "dystress", False, 2),
+DIST_CASES = [  # (name, backend, reduction, temperature mode, decoupled, heads, same_label with 3 classes)
+    ("torch-mean-learnable", "torch", "mean", "learnable_per_sample", False, None, None),
+    ("torch-none-dystress-grad-dcl", "torch", "none", "dystress_grad", True, None, None),
+    ("cpp-sum-per-anchor-heads", "cpp", "sum", "learnable_per_anchor", False, 2, None),
+    ("cpp-mean-dcl-float", "cpp", "mean", "float", True, None, None),
+    ("cpp-none-dystress", "cpp", "none", "dystress", False, 2, None),
+    ("torch-supcon-mean", "torch", "mean", "learnable_per_sample", False, None, "positive"),
+    ("torch-ignore-none-dcl", "torch", "none", "learnable_per_anchor", True, None, "ignore"),
+    ("cpp-supcon-sum-heads", "cpp", "sum", "learnable_per_sample", False, 2, "positive"),
+    ("cpp-ignore-mean-dystress", "cpp", "mean", "dystress", False, None, "ignore"),
 ]
+
+
+def _dist_labels(same_label: Optional[str]) -> Optional[torch.Tensor]:
+    """The global batch's labels: 3 classes in a fixed shuffled order (every rank holds several classes)."""
+    if same_label is None:
+        return None
+    B = sum(LOCAL_SIZES)
+    return (torch.arange(B) % 3)[torch.randperm(B, generator=torch.Generator().manual_seed(9))]
 
 
 def _dist_inputs(mode: str, heads: Optional[int]):
@@ -492,8 +504,9 @@ def _local(value, lo: int, hi: int, mode: str):
     return value[lo:hi]
 
 
-def _dist_run(rank, world, name, backend, reduction, mode, decoupled, heads, group):
+def _dist_run(rank, world, name, backend, reduction, mode, decoupled, heads, same_label, group):
     z1, z2, temperature = _dist_inputs(mode, heads)
+    labels = _dist_labels(same_label)
     lo, hi = sum(LOCAL_SIZES[:rank]), sum(LOCAL_SIZES[:rank + 1])
     l1 = z1[..., lo:hi, :].clone().requires_grad_()
     l2 = z2[..., lo:hi, :].clone().requires_grad_()
@@ -502,7 +515,9 @@ def _dist_run(rank, world, name, backend, reduction, mode, decoupled, heads, gro
     if isinstance(tau, torch.Tensor):
         tau = tau.clone().requires_grad_()
         leaves.append(tau)
-    out = mk.nt_xent(l1, l2, tau, decoupled=decoupled, reduction=reduction, backend=backend, process_group=group)
+    extra = {} if labels is None else dict(labels=labels[lo:hi], same_label=same_label)
+    out = mk.nt_xent(l1, l2, tau, decoupled=decoupled, reduction=reduction, backend=backend, process_group=group,
+                     **extra)
     w = _upstream(out.shape) if reduction == "none" else torch.ones((), dtype=torch.float64)
     grads = torch.autograd.grad((out * w).sum(), leaves)
     return {"out": out.detach(), "grads": [gr.detach() for gr in grads]}
@@ -548,7 +563,7 @@ def dist_results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", DIST_CASES, ids=[c[0] for c in DIST_CASES])
 def test_distributed_matches_single_process(dist_results, case):
-    name, backend, reduction, mode, decoupled, heads = case
+    name, backend, reduction, mode, decoupled, heads, same_label = case
     if backend != "torch" and mk.available_backends()[backend] is not None:
         pytest.skip(f"backend {backend} unavailable")
     for r in dist_results:
@@ -562,7 +577,9 @@ def test_distributed_matches_single_process(dist_results, case):
         tau = torch.cat((temperature, temperature)) if mode == "learnable_per_anchor" else temperature
         tau = tau.detach().requires_grad_()
         leaves.append(tau)
-    single = mk.nt_xent(z1, z2, tau, decoupled=decoupled, reduction=reduction, backend="torch")
+    labels = _dist_labels(same_label)
+    extra = {} if labels is None else dict(labels=labels, same_label=same_label)
+    single = mk.nt_xent(z1, z2, tau, decoupled=decoupled, reduction=reduction, backend="torch", **extra)
     outs = [r[name]["out"] for r in dist_results]
     if reduction == "none":
         assert rel_err(torch.cat(outs, dim=-1), single) <= 1e-12
