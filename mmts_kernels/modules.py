@@ -80,11 +80,7 @@ class ContrastiveLoss(nn.Module):
                                  "but temperature=mk.DySTreSS(...) is a per-pair function of the similarity with "
                                  "nothing to learn: pass a float (the initial τ) to learn it, or "
                                  "learnable_temperature=False to use DySTreSS")
-            tau = _scalar_temperature(temperature)
-            if not 1.0 / self.max_logit_scale <= tau <= 1.0:
-                raise ValueError(f"temperature: a learnable temperature must start in [1/max_logit_scale, 1] = "
-                                 f"[{1.0 / self.max_logit_scale:g}, 1], got {tau:g}")
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau)))
+            self.logit_scale = _logit_scale_parameter(temperature, self.max_logit_scale)
         elif isinstance(temperature, DySTreSS):
             self._dystress = temperature
         elif isinstance(temperature, torch.Tensor):
@@ -166,13 +162,9 @@ class SigmoidLoss(nn.Module):
         self.logit_scale: Optional[nn.Parameter] = None
         self.logit_bias: Optional[nn.Parameter] = None
         if learnable:
-            tau = _scalar_temperature(temperature)
-            if not 1.0 / self.max_logit_scale <= tau <= 1.0:
-                raise ValueError(f"temperature: a learnable temperature must start in [1/max_logit_scale, 1] = "
-                                 f"[{1.0 / self.max_logit_scale:g}, 1], got {tau:g}")
             if isinstance(bias, bool) or not isinstance(bias, Real) or not math.isfinite(bias):
                 raise ValueError(f"bias: a learnable bias starts from a finite float, got {bias!r}")
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau)))
+            self.logit_scale = _logit_scale_parameter(temperature, self.max_logit_scale)
             self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
             self._fixed = None
         else:
@@ -212,6 +204,15 @@ def _check_max_logit_scale(value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value >= 1):
         raise ValueError(f"max_logit_scale must be a finite number >= 1, got {value!r}")
     return float(value)
+
+
+def _logit_scale_parameter(temperature, max_logit_scale: float) -> nn.Parameter:
+    """open_clip's learnable log(1/τ), from an initial τ in [1/max_logit_scale, 1]."""
+    tau = _scalar_temperature(temperature)
+    if not 1.0 / max_logit_scale <= tau <= 1.0:
+        raise ValueError(f"temperature: a learnable temperature must start in [1/max_logit_scale, 1] = "
+                         f"[{1.0 / max_logit_scale:g}, 1], got {tau:g}")
+    return nn.Parameter(torch.tensor(math.log(1.0 / tau)))
 
 
 def _clamp_logit_scale(logit_scale: nn.Parameter, max_logit_scale: float) -> None:

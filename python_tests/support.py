@@ -228,6 +228,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def assert_matches_formula(backend: str, out, grads: dict, ref_out, ref_grads: dict, tol: float, context) -> None:
+    """A loss and its gradients (name -> tensor) against a float64 formula's: same shape, and every relative error
+    (``rel_err``) at most ``tol``; the message names the backend, the quantity and ``context`` (the case)."""
+    assert out.shape == ref_out.shape, (out.shape, ref_out.shape)
+    errors = {"loss": rel_err(out, ref_out), **{k: rel_err(grads[k], ref_grads[k]) for k in ref_grads}}
+    for name, err in errors.items():
+        assert err <= tol, f"{backend} {name}: rel err {err:.3e} > {tol:.0e} on {context}"
+
+
 def check_backend_against_reference(case: Case, backend: str, *, device=None, fp32_tol: float = 1e-5,
                                     lowprec_slack: float = 2.0, lowprec_tol: float = 1e-3, **extra) -> None:
     """Values and all gradients of ``backend`` on ``case`` against the float64 torch reference, computed on the

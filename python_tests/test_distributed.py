@@ -308,6 +308,7 @@ def _worker(rank: int, world: int, tmpdir: str, cases: list) -> None:
             except Exception:
                 results[case.name] = {"error": traceback.format_exc()}
         torch.save(results, os.path.join(tmpdir, f"rank{rank}.pt"))
+        torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         torch.distributed.destroy_process_group()
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import mmts_kernels as mk
 import support
-from support import backend_marker, rel_err
+from support import assert_matches_formula, backend_marker
 
 BACKENDS = [pytest.param(name, marks=backend_marker(name)) for name in ("torch", "cpp", "triton")]
 
@@ -212,10 +212,8 @@ def check_case(case: Case, backend: str, tol: float = 1e-9) -> None:
     out = library(case, inp, backend)
     grads = torch.autograd.grad((out.double() * inp["upstream"]).sum(), list(inp["leaves"].values()),
                                 allow_unused=True, materialize_grads=True)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    errors = {"loss": rel_err(out, ref), **{k: rel_err(g, r) for k, g, r in zip(inp["leaves"], grads, ref_grads)}}
-    for name, err in errors.items():
-        assert err <= tol, f"{backend} {name}: rel err {err:.3e} > {tol:.0e} on {case}"
+    assert_matches_formula(backend, out, dict(zip(inp["leaves"], grads)), ref, dict(zip(inp["leaves"], ref_grads)),
+                           tol, case)
 
 
 # ---------------------------------------------------------------------------------------------------------------

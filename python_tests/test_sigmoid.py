@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import mmts_kernels as mk
 import support
-from support import backend_marker, rel_err
+from support import assert_matches_formula, backend_marker, rel_err
 
 BACKENDS = [pytest.param(name, marks=backend_marker(name)) for name in ("torch", "cpp", "triton")]
 VALUE_MODES = ("float", "scalar_tensor", "per_row", "learnable_per_row", "learnable_scalar", "learnable_heads")
@@ -140,11 +140,8 @@ def reference(case: Case):
 def check_case(case: Case, backend: str, dtype=torch.float64, tol: float = 1e-9) -> None:
     ref_out, ref_grads = reference(case)
     out, grads = run(case, backend, dtype)
-    assert out.shape == ref_out.shape, (out.shape, ref_out.shape)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    errors = {"loss": rel_err(out, ref_out), **{k: rel_err(grads[k], ref_grads[k]) for k in ref_grads}}
-    for name, err in errors.items():
-        assert err <= tol, f"{backend} {name}: rel err {err:.3e} > {tol:.0e} on {case}"
+    assert_matches_formula(backend, out, grads, ref_out, ref_grads, tol, case)
 
 
 # ---------------------------------------------------------------------------------------------------------------
