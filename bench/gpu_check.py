@@ -10,15 +10,19 @@ precision 1e-5; fp32 under "high" (TF32) 2e-3; bf16 1e-2 and fp16 2e-3 — or, f
 the open_clip-style loss computed in the same precision, whichever is larger. Modes: symmetric InfoNCE with
 per-sample τ, one-directional rectangular InfoNCE with targets, max-margin over all negatives and over the hardest
 one (per-sample margins), DySTreSS, and ``deterministic=True`` (also run twice: loss and gradients must be bitwise
-equal). One loss value at N·M ≥ 2³¹ is checked against a chunked float64 computation (rows of S a chunk at a time,
-columns by an online log-sum-exp across chunks: memory chunk·M, never N·M).
+equal); issue 18's: the sigmoid loss with per-sample τ and bias (square, and rectangular with targets), with labels
+(same_label="positive"), and InfoNCE with false-negative elimination (same_label="ignore"); these compare to the
+fixed bar (there is no open_clip-style loss of every one of them to set a same-precision one), and the sigmoid's
+bias gradient is checked too. One loss value at N·M ≥ 2³¹ is checked against a chunked float64 computation (rows
+of S a chunk at a time, columns by an online log-sum-exp across chunks: memory chunk·M, never N·M).
 
 Speed. ``triton.testing.do_bench`` medians in this process (``bench.timing``): forward, backward, forward+backward,
 the peak memory a fwd+bwd adds over its inputs (``torch.cuda.max_memory_allocated`` after a reset), TFLOP/s at
 8·N·M·D per fwd+bwd (2 for S forward; 6 backward: S again, dS·y, dSᵀ·x), next to what users would run instead
 (``bench.competitors``: openclip eager and compiled, the library's torch backend, Inf-CL when installed) and a bare
 GEMM (2·N·N·D) in the same dtype, measured in the same run; ``row_goals`` judges a row against the goals of
-issue 11 on these numbers.
+issue 11 on these numbers. The sigmoid row times the fused loss against the materialized one: open_clip's
+``SigLipLoss`` formula (``materialized_sigmoid``) eager and compiled, and the torch backend.
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ from .worker import describe, measure_passes
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 MODES = ("infonce", "infonce_rect", "max_margin", "max_margin_hardest", "dystress", "deterministic")
+# issue 18: the sigmoid statistic and the label switches (run after the modes above: the older modes come first)
+LABEL_MODES = ("sigmoid", "sigmoid_rect", "sigmoid_labels", "infonce_ignore")
 BAR = {("float64", None): 1e-12, ("float32", "highest"): 1e-5, ("float32", "high"): 2e-3,
        ("bfloat16", None): 1e-2, ("float16", None): 2e-3}
 TIMING_COMPETITORS = ("openclip", "openclip_compile", "torch", "inf_cl")
@@ -93,7 +99,7 @@ def _cases(small, rect, large, huge, plan) -> List[Case]:
     what matters most comes first, in case the time budget runs out."""
     small_cases, large_cases = [], []
     for dtype, precision, modes, big_modes in plan:
-        small_cases += [Case(m, dtype, *(rect if m == "infonce_rect" else small), precision=precision) for m in modes]
+        small_cases += [Case(m, dtype, *(rect if m.endswith("_rect") else small), precision=precision) for m in modes]
         large_cases += [Case(m, dtype, *large, precision=precision) for m in big_modes]
     first = len(plan[0][2])
     return (small_cases[:first] + [Case("infonce", "bfloat16", *huge, value_only=True)] + large_cases
@@ -107,20 +113,26 @@ def config(device: torch.device, quick: bool, tiny: bool) -> Config:
         plan = [("bfloat16", None, every, ("infonce",)), ("float32", "highest", every, ()),
                 ("float32", "high", ("infonce",), ()), ("float16", None, ("infonce", "max_margin"), ()),
                 ("float64", None, ("infonce", "infonce_rect", "max_margin", "dystress"), ())]
+        plan.append(("float64", None, LABEL_MODES, ()))
         if quick:
-            plan = [("bfloat16", None, ("infonce", "max_margin"), ()), ("float64", None, ("infonce",), ())]
+            plan = [("bfloat16", None, ("infonce", "max_margin"), ()), ("float64", None, ("infonce",), ()),
+                    ("float64", None, ("sigmoid_labels", "infonce_ignore"), ())]
         return Config(small, rect, large, huge, chunk_elems=64 * 300, cases=_cases(small, rect, large, huge, plan))
     small, rect, large, huge = (2048, 2048, 256), (1537, 4099, 200), (16384, 16384, 512), (65536, 65536, 256)
     if quick:
         plan = [("bfloat16", None, every, ("infonce",)), ("float32", "highest", ("infonce", "infonce_rect"), ()),
                 ("float32", "high", ("infonce",), ()), ("float16", None, ("infonce",), ()),
-                ("float64", None, ("infonce", "max_margin"), ())]
+                ("float64", None, ("infonce", "max_margin"), ()),
+                ("bfloat16", None, LABEL_MODES, ()),
+                ("float64", None, ("sigmoid", "sigmoid_labels", "infonce_ignore"), ())]
     else:
         plan = [("bfloat16", None, every, ("infonce", "max_margin", "deterministic")),
                 ("float32", "highest", every, ("infonce",)),
                 ("float32", "high", ("infonce", "infonce_rect", "max_margin"), ()),
                 ("float16", None, ("infonce", "infonce_rect", "max_margin", "max_margin_hardest"), ()),
-                ("float64", None, ("infonce", "infonce_rect", "max_margin", "max_margin_hardest", "dystress"), ())]
+                ("float64", None, ("infonce", "infonce_rect", "max_margin", "max_margin_hardest", "dystress"), ()),
+                ("bfloat16", None, LABEL_MODES, ("sigmoid",)), ("float32", "highest", LABEL_MODES, ()),
+                ("float16", None, ("sigmoid", "sigmoid_labels"), ()), ("float64", None, LABEL_MODES, ())]
     return Config(small, rect, large, huge, chunk_elems=2**27, cases=_cases(small, rect, large, huge, plan))
 
 
@@ -136,12 +148,35 @@ def make_inputs(N: int, M: int, D: int, dtype: torch.dtype, device: torch.device
     lo, hi = (0.1, 0.3) if mode.startswith("max_margin") else (0.05, 0.15)
     side_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     per_sample = (lo + (hi - lo) * torch.rand(N, generator=g, device=device)).to(side_dtype)
-    targets = torch.randint(0, M, (N,), generator=g, device=device) if mode == "infonce_rect" else None
+    targets = torch.randint(0, M, (N,), generator=g, device=device) if mode.endswith("_rect") else None
     return x, y, per_sample, targets
 
 
-def loss_kwargs(mode: str, per_sample, targets=None) -> dict:
-    """``mk.contrastive_loss`` keywords of a mode."""
+def label_inputs(N: int, mode: str, per_sample: torch.Tensor, seed: int = 0):
+    """(bias, labels) of issue 18's modes, else (None, None): a per-row bias around SigLIP's −10 in the per-sample
+    vector's dtype, and classes of about 8 samples each in a random order (many same-label pairs per row)."""
+    device = per_sample.device
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    bias = None
+    if mode.startswith("sigmoid"):
+        bias = (-10.0 + 2.0 * torch.rand(N, generator=g, device=device)).to(per_sample.dtype)
+    labels = None
+    if mode in ("sigmoid_labels", "infonce_ignore"):
+        labels = torch.arange(N, device=device)[torch.randperm(N, generator=g, device=device)] % max(2, N // 8)
+    return bias, labels
+
+
+def loss_kwargs(mode: str, per_sample, targets=None, bias=None, labels=None) -> dict:
+    """``mk.contrastive_loss`` keywords of a mode; the sigmoid's ``bias`` defaults to SigLIP's −10."""
+    if mode.startswith("sigmoid"):
+        kw = dict(loss="sigmoid", temperature=per_sample, bias=-10.0 if bias is None else bias)
+        if mode == "sigmoid_rect":
+            kw.update(targets=targets, symmetric=False)
+        if mode == "sigmoid_labels":
+            kw.update(labels=labels, same_label="positive")
+        return kw
+    if mode == "infonce_ignore":
+        return dict(loss="infonce", temperature=per_sample, labels=labels, same_label="ignore")
     if mode in ("infonce", "deterministic"):
         kw = dict(loss="infonce", temperature=per_sample)
         return dict(kw, deterministic=True) if mode == "deterministic" else kw
@@ -169,13 +204,27 @@ def openclip_same_precision(x, y, per_sample, mode: str, targets=None):
     return competitors.openclip_max_margin(x, y, per_sample, hardest_negative=mode == "max_margin_hardest")
 
 
-def loss_and_grads(fn, x, y, per_sample, mode: str):
-    """(loss, [dx, dy, d per_sample?]) of ``fn(x, y, per_sample)``, all detached."""
+def materialized_sigmoid(x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor, bias=-10.0) -> torch.Tensor:
+    """The sigmoid loss as open_clip's ``SigLipLoss`` computes it (``logit_scale * x @ y.T + logit_bias``, labels
+    2I − 1, −Σ logsigmoid / N), S materialized in the input dtype, the per-row scale 1/τ_i: the speed row's
+    baseline, needing no open-clip-torch (the GPU machine has none)."""
+    logits = (tau.reciprocal().to(x.dtype)[:, None] * x) @ y.T + bias
+    labels = 2 * torch.eye(x.shape[0], device=x.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / x.shape[0]
+
+
+def loss_and_grads(fn, x, y, per_sample, mode: str, bias=None):
+    """(loss, [dx, dy, d per_sample?, d bias?]) of ``fn(x, y, per_sample)`` (``fn(x, y, per_sample, bias)`` when a
+    bias is given, which is then a leaf too), all detached."""
     leaves = [x.detach().requires_grad_(), y.detach().requires_grad_()]
     ps = per_sample.detach().requires_grad_(uses_per_sample(mode))
     if uses_per_sample(mode):
         leaves.append(ps)
-    out = fn(leaves[0], leaves[1], ps)
+    if bias is not None:
+        leaves.append(bias.detach().requires_grad_())
+        out = fn(leaves[0], leaves[1], ps, leaves[-1])
+    else:
+        out = fn(leaves[0], leaves[1], ps)
     grads = torch.autograd.grad(out, leaves)
     return out.detach(), [g.detach() for g in grads]
 
@@ -230,12 +279,17 @@ def free_memory(device: torch.device) -> None:
 def check_case(case: Case, backend: str, device: torch.device, chunk_elems: int) -> List[dict]:
     """Measurement rows of one case: one per compared quantity (and one for the bitwise repeat)."""
     x, y, per_sample, targets = make_inputs(case.N, case.M, case.D, DTYPES[case.dtype], device, case.mode)
+    bias, labels = label_inputs(case.N, case.mode, per_sample)
     bar = BAR[(case.dtype, case.precision)]
     base = dict(section="correctness", name=case.label, dtype=case.dtype, precision=case.precision or "",
                 N=case.N, M=case.M, D=case.D, mode=case.mode, method=backend)
 
-    def ours(a, b, ps):
-        return mk.contrastive_loss(a, b, backend=backend, **loss_kwargs(case.mode, ps, targets))
+    def run(name, labels=labels):
+        def fn(a, b, ps, bl=None):
+            return mk.contrastive_loss(a, b, backend=name, **loss_kwargs(case.mode, ps, targets, bl, labels))
+        return fn
+
+    ours = run(backend)
 
     with matmul_precision(case.precision):
         if case.value_only:
@@ -245,23 +299,22 @@ def check_case(case: Case, backend: str, device: torch.device, chunk_elems: int)
             err = abs(value - ref) / abs(ref)
             return [dict(base, metric="loss", value=err, bar=bar, status=_status(err, bar),
                          note=f"chunked float64 reference {ref:.10g}, N·M = {case.N * case.M:,}")]
-        out, grads = loss_and_grads(ours, x, y, per_sample, case.mode)
-        ref_out, ref_grads = loss_and_grads(
-            lambda a, b, ps: mk.contrastive_loss(a, b, backend="torch", **loss_kwargs(case.mode, ps, targets)),
-            x.double(), y.double(), per_sample.double(), case.mode)
+        out, grads = loss_and_grads(ours, x, y, per_sample, case.mode, bias)
+        ref_out, ref_grads = loss_and_grads(run("torch", labels), x.double(), y.double(), per_sample.double(),
+                                            case.mode, None if bias is None else bias.double())
         baseline = None
-        if case.dtype != "float64" and case.precision != "highest":  # a low-precision case: the same-precision bar
+        if case.dtype != "float64" and case.precision != "highest" and case.mode in MODES:  # the same-precision bar
             base_out, base_grads = loss_and_grads(
                 lambda a, b, ps: openclip_same_precision(a, b, ps, case.mode, targets), x, y, per_sample, case.mode)
             baseline = [rel_err(base_out, ref_out)] + [rel_err(g, r) for g, r in zip(base_grads, ref_grads)]
             del base_out, base_grads
         repeat = None
         if case.mode == "deterministic":
-            out2, grads2 = loss_and_grads(ours, x, y, per_sample, case.mode)
+            out2, grads2 = loss_and_grads(ours, x, y, per_sample, case.mode, bias)
             repeat = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
             del out2, grads2
     names = ["loss", "dx", "dy"] + (["dmargin" if case.mode.startswith("max_margin") else "dtau"]
-                                    if uses_per_sample(case.mode) else [])
+                                    if uses_per_sample(case.mode) else []) + (["dbias"] if bias is not None else [])
     rows = []
     for k, (name, a, r) in enumerate(zip(names, [out] + grads, [ref_out] + ref_grads)):
         err = rel_err(a, r)
@@ -332,16 +385,30 @@ def allow_recompiles(limit: int = 64) -> None:
 def _method_reason(name: str, backend: str, device: torch.device, mode: str) -> Optional[str]:
     if name == backend or name == "torch":
         return mk.backends.unavailable_reason(name, device)
+    if mode == "sigmoid":  # openclip / openclip_compile: the materialized formula, written here
+        return None if name in ("openclip", "openclip_compile") else f"{name} has no sigmoid loss"
     return competitors.unavailable_reason(name, device, "infonce" if mode == "infonce" else "other")
 
 
 def _method_fn(name: str, mode: str):
+    if mode == "sigmoid" and name in ("openclip", "openclip_compile"):
+        return materialized_sigmoid if name == "openclip" else _compiled_sigmoid()
     if name in competitors.COMPETITORS:
         return competitors.loss_function(name, "infonce")
 
     def f(a, b, ps):
         return mk.contrastive_loss(a, b, backend=name, **loss_kwargs(mode, ps))
     return f
+
+
+_COMPILED = {}
+
+
+def _compiled_sigmoid():
+    """One torch.compile of ``materialized_sigmoid`` for the whole run (no recompile between rows)."""
+    if "sigmoid" not in _COMPILED:
+        _COMPILED["sigmoid"] = torch.compile(materialized_sigmoid, dynamic=False)
+    return _COMPILED["sigmoid"]
 
 
 def _num(v) -> float:
@@ -381,6 +448,8 @@ def speed_table(rows: List[dict], backend: str) -> Tuple[List[str], List[List[st
 
 HEADLINE = "bf16"  # the speed row every other row's goal is judged against (bf16 symmetric InfoNCE, per-sample τ)
 PER_MODE_GOAL = 1.3  # max-margin, hardest negative, DySTreSS, deterministic: ≤ 1.3× the headline's fwd+bwd
+# the sigmoid row against the materialized loss eager: issue 18's bar (half the time, 5% of the peak memory)
+SIGMOID_TIME, SIGMOID_MEMORY = 0.5, 0.05
 
 
 def row_goals(got: List[dict], headline: List[dict], backend: str) -> List[dict]:
@@ -404,7 +473,14 @@ def row_goals(got: List[dict], headline: List[dict], backend: str) -> List[dict]
         out.append(dict(first, section="goal", method=backend, metric=text, value=value, bar=bar, status=status,
                         note=_f(value, fmt)))
 
-    if mode != "infonce":
+    if mode == "sigmoid":
+        goal(f"≤ {SIGMOID_TIME:g}× the materialized sigmoid's time", _div(full, v(got, "openclip", "full_ms")),
+             SIGMOID_TIME, True, ".2f")
+        goal(f"peak extra memory ≤ {SIGMOID_MEMORY:.0%} of the materialized sigmoid's",
+             _div(v(got, backend, "peak_extra_mib"), v(got, "openclip", "peak_extra_mib")), SIGMOID_MEMORY, True,
+             ".2%")
+        goal(f"≤ {PER_MODE_GOAL}× the {HEADLINE} InfoNCE time", _div(full, head), PER_MODE_GOAL, True, ".2f")
+    elif mode != "infonce":
         goal(f"≤ {PER_MODE_GOAL}× the {HEADLINE} InfoNCE time", _div(full, head), PER_MODE_GOAL, True, ".2f")
     elif precision:
         bar = 3.0 if precision == "highest" else 1.5

@@ -8,9 +8,11 @@
     profile      one forward+backward under torch.profiler: the top kernels by CUDA time
     sweep        tile configurations of the headline cell (``mmts_kernels.triton_backend.op.Config`` fields, the
                  syntax of MMTS_KERNELS_TRITON_CONFIG), as a fraction of this run's GEMM rate
-    correctness  ``bench.gpu_check``'s quick cases against the float64 reference (loss and every gradient)
+    correctness  ``bench.gpu_check``'s quick cases against the float64 reference (loss and every gradient), issue
+                 18's sigmoid and label modes last
     goals        the other speed rows, each with its goal and PASS / FAIL: fp32 "highest" and "high",
-                 N = 65536, max-margin, hardest negative, DySTreSS, deterministic, D = 256 and 1024
+                 N = 65536, max-margin, hardest negative, DySTreSS, deterministic, D = 256 and 1024, and last the
+                 fused sigmoid loss against the materialized one (open_clip's formula, eager and compiled)
     tests        the GPU test files under pytest (log beside the results), if time remains
 
 Every row goes to ``OUTDIR/gpu-run-<GPU>-<date>-<time>.csv`` and ``.md`` (and the markdown to stdout) the moment it
@@ -55,6 +57,9 @@ GOAL_ROWS = (
       for m in ("max_margin", "max_margin_hardest", "dystress", "deterministic")),
     Row("bf16 D=256", "bfloat16", 16384, 256, competitors=HEAD.competitors),
     Row("bf16 D=1024", "bfloat16", 16384, 1024, competitors=HEAD.competitors),
+    # issue 18: the fused sigmoid (SigLIP) loss, per-sample τ, bias −10; "openclip": the materialized formula
+    Row("bf16 sigmoid", "bfloat16", 16384, 512, mode="sigmoid", competitors=("openclip", "openclip_compile", "torch"),
+        gemm=False),
 )
 # Tile configurations over the GPU default (block_n=128, block_m=64, block_d=64, num_warps=8, num_stages=3), most
 # promising first. None spills at sm_90 (python_tests/triton_sm90.py's compile, bf16 InfoNCE, 2026-11-30) except
@@ -386,7 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", nargs="*", default=list(SWEEP), help="tile configurations ('' is the default)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--full-correctness", action="store_true",
-                   help="all 29 correctness cases on a GPU (more dtypes and modes) instead of the quick 14")
+                   help="all 44 correctness cases on a GPU (more dtypes and modes) instead of the quick 21")
     p.add_argument("--top-kernels", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats on a CPU (a GPU: do_bench decides)")
     return p.parse_args(argv)

@@ -175,6 +175,33 @@ def test_goals_are_judged_on_the_runs_own_numbers():
     assert g["status"] == "n/a"  # not measured: neither pass nor fail
 
 
+def test_the_sigmoid_row_is_judged_against_the_materialized_loss():
+    """Issue 18's sigmoid row: half the materialized loss's time and 5% of its peak memory, and the InfoNCE bar."""
+    N, D = 16384, 512
+    head = _speed("bf16", N, D, ms={("triton", "full_ms"): 5.0})
+    row = _speed("bf16 sigmoid", N, D, "sigmoid", ms={("triton", "full_ms"): 6.0, ("triton", "peak_extra_mib"): 40.0,
+                                                     ("openclip", "full_ms"): 15.0,
+                                                     ("openclip", "peak_extra_mib"): 1000.0})
+    verdict = {g["metric"]: (g["status"], g["value"]) for g in gpu_check.row_goals(row, head, "triton")}
+    assert verdict == {"≤ 0.5× the materialized sigmoid's time": ("PASS", pytest.approx(0.4)),
+                       "peak extra memory ≤ 5% of the materialized sigmoid's": ("PASS", pytest.approx(0.04)),
+                       "≤ 1.3× the bf16 InfoNCE time": ("PASS", pytest.approx(1.2))}
+    assert gpu_run.GOAL_ROWS[-1].mode == "sigmoid"  # late: after every row of issue 11
+
+
+def test_the_materialized_sigmoid_is_the_librarys_loss():
+    """The speed row's baseline (open_clip's SigLipLoss formula) computes the loss the fused kernels compute."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(13, 5, generator=g, dtype=torch.float64), torch.randn(13, 5, generator=g, dtype=torch.float64)
+    tau = 0.05 + torch.rand(13, generator=g, dtype=torch.float64)
+    import mmts_kernels as mk
+
+    want = mk.sigmoid_loss(x, y, tau, -10.0, backend="torch")
+    # 1e-9, not 1e-12: the torch backend's F.softplus returns v itself above v = 20 (off by up to 2.1e-9 a term),
+    # logsigmoid does not
+    assert torch.allclose(gpu_check.materialized_sigmoid(x, y, tau), want, rtol=1e-9, atol=0)
+
+
 def test_the_sweep_configurations_parse_and_differ():
     from mmts_kernels.triton_backend import op
 

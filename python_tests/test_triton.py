@@ -235,6 +235,113 @@ def test_every_statistic_against_the_reference():
                 assert rel_err(value, ref) <= 1e-5, name
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 18: the sigmoid statistic and the same-label switches. The backend-generic float64 comparison over random
+# shapes is test_sigmoid_labels_stats.py; here the paths only forced tiles reach (several panels, forward and
+# backward, several D steps), low precision, and the row sums behind the τ and bias gradients.
+
+def _labelled_case(kind: str, seed: int, n: int = 2 * N_SMALL + 3, m: int = 2 * N_SMALL - 5, D: int = 37):
+    """float64 compute_stats arguments, leaves requiring grad: a sigmoid request with rows of every kind (a
+    positive, none: −1, several same-label columns), or symmetric InfoNCE + max-margin + hardest with the mask."""
+    g = torch.Generator().manual_seed(seed)
+    sigmoid = kind.startswith("sigmoid")
+    m = m if sigmoid else n
+    x = (torch.randn(2, n, D, generator=g, dtype=torch.float64) / D ** 0.5).requires_grad_()
+    y = (torch.randn(2, m, D, generator=g, dtype=torch.float64) / D ** 0.5).requires_grad_()
+    tau = (0.05 + torch.rand(2, n, generator=g, dtype=torch.float64)).requires_grad_()
+    bias = (torch.rand(2, n, generator=g, dtype=torch.float64) * 6 - 4).requires_grad_()
+    margin = (0.05 + 0.4 * torch.rand(2, n, generator=g, dtype=torch.float64)).requires_grad_()
+    ly = torch.randint(0, 5, (m,), generator=g)
+    if sigmoid:
+        targets = torch.randint(0, m, (n,), generator=g)
+        lx = ly[targets]
+        targets = torch.where(torch.arange(n) % 3 == 0, -1, targets)  # rows without a positive in this block
+        same = {"sigmoid": None, "sigmoid_mask": "mask", "sigmoid_positive": "positive"}[kind]
+        request = StatsRequest(sigmoid=True, same_label=same)
+        args = (x, y, tau, None, targets, request)
+        kwargs = dict(bias=bias, labels=(lx, ly) if same else None)
+        return args, kwargs, dict(x=x, y=y, tau=tau, bias=bias)
+    targets, lx = torch.arange(n), ly
+    request = StatsRequest(lse=True, ws=True, hinge=True, hard=kind == "hard_mask", cols=True, same_label="mask")
+    args = (x, y, tau, margin, targets, request)
+    return args, dict(labels=(lx, ly)), dict(x=x, y=y, tau=tau, margin=margin)
+
+
+def _weighted_total(stats, seed):
+    g = torch.Generator().manual_seed(seed)
+    return sum((torch.randn(v.shape, generator=g, dtype=torch.float64) * v.double()).where(v.isfinite(), 0.0).sum()
+               for name, v in stats._asdict().items()
+               if v is not None and v.is_floating_point() and name not in ("ws", "ws_c"))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "sigmoid_mask", "sigmoid_positive", "lse_hinge_mask", "hard_mask"])
+def test_sigmoid_and_labels_across_panels(kind):
+    """One column block per panel (forward partial merges across panels; the backward's dS panels and its
+    per-panel row sums of ∂L/∂u) and three D steps: values and every gradient to 1e-9 in float64."""
+    from mmts_kernels import triton_backend
+
+    args, kwargs, leaves = _labelled_case(kind, seed=len(kind))
+    want = reference.compute_stats(*args, **kwargs)
+    want_grads = torch.autograd.grad(_weighted_total(want, 1), list(leaves.values()))
+    with _tiles(panel_blocks=1, bwd_panel_factor=1):
+        got = triton_backend.compute_stats(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args],
+                                           **kwargs)
+        got_grads = torch.autograd.grad(_weighted_total(got, 1), list(leaves.values()))
+    for name, ref in want._asdict().items():
+        if ref is None:
+            continue
+        value = getattr(got, name).cpu()
+        if name in ("arg", "arg_c"):
+            assert torch.equal(value[want.hard.isfinite()] if name == "arg" else value[want.hard_c.isfinite()],
+                               ref[want.hard.isfinite()] if name == "arg" else ref[want.hard_c.isfinite()]), name
+        elif ref.dtype == torch.int64:
+            assert torch.equal(value, ref), name
+        else:
+            assert torch.equal(value.isfinite(), ref.isfinite()), name
+            assert rel_err(value[ref.isfinite()], ref[ref.isfinite()]) <= 1e-9, name
+    for name, a, b in zip(leaves, got_grads, want_grads):
+        assert rel_err(a, b) <= 1e-9, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sigmoid_low_precision(dtype):
+    """16-bit and fp32 inputs: S in fp32 from the rounded inputs, so sig and its gradients match the float64
+    formula on those rounded inputs to fp32 accuracy (fp16: through the scaled ∂L/∂S), the x and y gradients to
+    their own dtype's rounding."""
+    from mmts_kernels import triton_backend
+
+    args, kwargs, leaves = _labelled_case("sigmoid_positive", seed=8, D=9)
+    x16, y16 = args[0].detach().to(dtype), args[1].detach().to(dtype)
+    x64, y64 = x16.double().requires_grad_(), y16.double().requires_grad_()
+    tau, bias = leaves["tau"], leaves["bias"]
+    ref = reference.compute_stats(x64, y64, tau, None, *args[4:], **kwargs).sig
+    ref_grads = torch.autograd.grad((ref * ref.detach().sign()).sum(), [x64, y64, tau, bias])
+    xd, yd = x16.to(DEVICE).requires_grad_(), y16.to(DEVICE).requires_grad_()
+    taud, biasd = tau.detach().float().to(DEVICE).requires_grad_(), bias.detach().float().to(DEVICE).requires_grad_()
+    kw = dict(kwargs, bias=biasd)
+    out = triton_backend.compute_stats(xd, yd, taud, None, args[4].to(DEVICE), args[5], **kw).sig
+    grads = torch.autograd.grad((out * ref.sign().to(out)).sum(), [xd, yd, taud, biasd])
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) <= 1e-5
+    for name, a, b, tol in zip(("x", "y", "tau", "bias"), grads, ref_grads, (1e-2, 1e-2, 1e-5, 1e-5)):
+        assert a.dtype == (dtype if name in ("x", "y") else torch.float32), name
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
+
+
+def test_sigmoid_needs_no_bias_or_tau_sums_without_their_grad():
+    """The backward's row sums run only for τ or the bias requiring grad; x and y alone get the same gradients."""
+    from mmts_kernels import triton_backend
+
+    args, kwargs, leaves = _labelled_case("sigmoid_mask", seed=3)
+    x, y, tau, bias = leaves["x"], leaves["y"], leaves["tau"].detach(), leaves["bias"].detach()
+    want = reference.compute_stats(x, y, tau, None, *args[4:], **dict(kwargs, bias=bias))
+    got = triton_backend.compute_stats(x, y, tau, None, *args[4:], **dict(kwargs, bias=bias))
+    a = torch.autograd.grad(_weighted_total(got, 2), [x, y])
+    b = torch.autograd.grad(_weighted_total(want, 2), [x, y])
+    for u, v in zip(a, b):
+        assert rel_err(u, v) <= 1e-9
+
+
 def test_fp32_precision_follows_torch():
     """tl.dot on fp32 follows PyTorch's matmul precision: "highest" → three TF32 products (fp32-accurate),
     "high"/"medium" → TF32, as torch.matmul; fp64 and the interpreter are exact. Also through the per-backend API
@@ -386,15 +493,25 @@ def _op_samples():
     tau, margin = leaf(H, N, lo=0.1), leaf(H, N)
     t = torch.arange(N, device=DEVICE)
     targets = torch.randint(0, N, (N,), generator=g).to(DEVICE)
+    bias = leaf(H, N, lo=-2.0)
+    labels = torch.randint(0, 3, (N,), generator=g).to(DEVICE)
+    ring = torch.where(torch.arange(N, device=DEVICE) % 2 == 0, -1, targets)  # rows without a positive
     return [  # (x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, deterministic)
         (x, y, tau, None, t, True, False, False, True, True, False, 0.0, 0.0, False),
         (x, y, None, margin, targets, False, True, False, False, False, False, 0.0, 0.0, True),
         (x, y, None, None, t, False, False, True, False, True, False, 0.0, 0.0, False),
         (x, y, None, None, t, True, False, False, False, True, True, 0.1, 0.2, False),
+        # … self_cols, decoupled, dys_grad, bias, labels_x, labels_y, sigmoid, same_label (0 none, 1 mask, 2 positive)
+        (x, y, tau, None, ring, False, False, False, False, False, False, 0.0, 0.0, False,
+         None, False, False, bias, None, None, True, 0),
+        (x, y, tau, None, ring, False, False, False, False, False, False, 0.0, 0.0, False,
+         None, False, False, bias, labels[targets], labels, True, 1),
+        (x, y, tau, margin, t, True, True, False, True, True, False, 0.0, 0.0, False,
+         None, False, False, None, labels, labels, False, 1),
     ]
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
     from mmts_kernels.triton_backend import op  # noqa: F401  (registers the ops)
 
@@ -447,6 +564,28 @@ def test_compile_fullgraph_backend_op():
         return total
 
     _compare_compiled(model, x, y, tau, margin)
+
+
+def test_compile_fullgraph_sigmoid_and_labels():
+    """The sigmoid statistic (τ and bias requiring grad) and the label mask trace into one graph too."""
+    from mmts_kernels import triton_backend
+
+    x, y, tau, margin = _leaves()
+    bias = torch.linspace(-3.0, 1.0, N_SMALL, device=DEVICE).requires_grad_()
+    labels = torch.arange(N_SMALL, device=DEVICE) % 3
+    rows = torch.arange(N_SMALL, device=DEVICE)
+
+    def model(x, y, tau, margin, bias):
+        H = x.shape[0]
+        t, b = tau.expand(H, -1), bias.expand(H, -1)
+        sig = triton_backend.compute_stats(x, y, t, None, rows, StatsRequest(sigmoid=True, same_label="positive"),
+                                           bias=b, labels=(labels, labels)).sig
+        masked = triton_backend.compute_stats(x, y, t, margin.expand(H, -1), rows,
+                                              StatsRequest(lse=True, ws=True, hinge=True, cols=True,
+                                                           same_label="mask"), labels=(labels, labels))
+        return sig.mean() + (masked.lse - masked.pos / t).mean() + masked.lse_c.mean() + masked.hinge_c.mean()
+
+    _compare_compiled(model, x, y, tau, margin, bias)
 
 
 def test_compile_fullgraph_public_api():

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmts_kernels as mk  # noqa: E402
 import mmts_kernels.topk  # noqa: E402,F401  (mk.topk)
 import mmts_kernels.triton_backend as tb  # noqa: E402
+from mmts_kernels.stats import StatsRequest  # noqa: E402
 from mmts_kernels.triton_backend import backward, forward, op  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -62,9 +63,43 @@ def _pretend_gpu(precision: str) -> None:
     backward.matmul = lambda *args, **kwargs: None
 
 
+def _stats_case(kind: str, dtype: torch.dtype, n: int, m: int, g: torch.Generator):
+    """compute_stats arguments of one of issue 18's statistics requests (sigmoid, same-label mask or positive),
+    with x, y and every per-row vector requiring grad as a loss would have them: the ``stats=`` cases of CASES."""
+    square = not kind.startswith("sigmoid") or kind == "sigmoid_positive"
+    m = n if square else m
+    x = torch.randn(1, n, 64, generator=g).to(dtype).requires_grad_()
+    y = x if kind == "ntxent_mask" else torch.randn(1, m, 64, generator=g).to(dtype).requires_grad_()
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = (0.05 + torch.rand(1, n, generator=g)).to(cdt).requires_grad_()
+    bias = (-10.0 + torch.rand(1, n, generator=g)).to(cdt).requires_grad_()
+    margin = (0.1 + 0.2 * torch.rand(1, n, generator=g)).to(cdt).requires_grad_()
+    labels = torch.randint(0, 16, (n,), generator=g)
+    targets, self_cols = torch.arange(n), None
+    if kind == "sigmoid" or kind == "sigmoid_mask":  # the ring's blocks of other ranks: no positive (−1)
+        targets = torch.where(torch.rand(n, generator=g) < 0.5, -1, torch.randint(0, m, (n,), generator=g))
+    if kind == "ntxent_mask":  # Z against itself: positive a ± n/2, self a
+        half = torch.arange(n // 2)
+        targets, self_cols = torch.cat((half + n // 2, half)), torch.cat((half, half + n // 2))
+    kwargs = dict(self_cols=self_cols, bias=None, labels=(labels, labels[:m]))
+    if kind.startswith("sigmoid"):
+        same = {"sigmoid": None, "sigmoid_mask": "mask", "sigmoid_positive": "positive"}[kind]
+        request = StatsRequest(sigmoid=True, same_label=same)
+        kwargs.update(bias=bias, labels=kwargs["labels"] if same else None)
+        return (x, y, tau, None, targets, request), kwargs
+    request = dict(lse_mask=dict(lse=True, ws=True, cols=True),
+                   dystress_grad_mask=dict(lse=True, cols=True, dystress=mk.DySTreSS(0.1, 0.2, detach=False)),
+                   ntxent_mask=dict(lse=True, ws=True, decoupled=True),
+                   hinge_mask=dict(hinge=True, cols=True), hard_mask=dict(hard=True, cols=True))[kind]
+    request = StatsRequest(same_label="mask", **request)
+    lse_tau = tau if request.lse and request.dystress is None else None
+    return (x, y, lse_tau, margin if request.hinge else None, targets, request), kwargs
+
+
 def record(dtype: torch.dtype, precision: str, **loss_kw):
-    """The launches of one forward + backward of ``mk.contrastive_loss(backend="triton", **loss_kw)``, or of
-    ``mk.nt_xent`` on two views of n/2 rows each (``ntxent=True``)."""
+    """The launches of one forward + backward of ``mk.contrastive_loss(backend="triton", **loss_kw)``, of
+    ``mk.nt_xent`` on two views of n/2 rows each (``ntxent=True``), or of the triton backend's ``compute_stats``
+    for a statistics request (``stats=kind``, see ``_stats_case``) with a weighted sum of its fields as the loss."""
     _recorded.clear()
     _pretend_gpu(precision)
     g = torch.Generator().manual_seed(0)
@@ -72,6 +107,15 @@ def record(dtype: torch.dtype, precision: str, **loss_kw):
     m = loss_kw.pop("m", n)
     ntxent = loss_kw.pop("ntxent", False)
     k = loss_kw.pop("topk", None)
+    stats_kind = loss_kw.pop("stats", None)
+    if stats_kind is not None:
+        args, kwargs = _stats_case(stats_kind, dtype, n, n * 3 // 4, g)
+        with op.tile_config(op.GPU_CONFIG_FP64 if dtype == torch.float64 else op.GPU_CONFIG):
+            stats = tb.compute_stats(*args, **kwargs)
+            total = sum(v.sum() for name, v in stats._asdict().items()
+                        if v is not None and v.is_floating_point() and name not in ("ws", "ws_c"))
+            total.backward()
+        return list(_recorded)
     if k is not None:  # the top-k statistic (AMCL's hardest negatives) of n rows against themselves: no backward
         z, rows = torch.randn(n, 64, generator=g).to(dtype), torch.arange(n)
         mk.topk.compute_topk(z, z, (rows + n // 2) % n, k, self_cols=rows, backend="triton")
@@ -92,7 +136,8 @@ def compile_launch(kernel, args, kwargs):
     values = iter(args)
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
-            signature[p.name], constants[p.name] = "constexpr", kw[p.name]
+            # a constexpr left to its default (the new switches of a variant that does not use them)
+            signature[p.name], constants[p.name] = "constexpr", kw[p.name] if p.name in kw else p.default
             continue
         v = next(values)
         specialize = not p.do_not_specialize
@@ -160,6 +205,19 @@ CASES = [  # (name, dtype, tl.dot precision, loss keywords)
     ("top-k k=100", torch.float32, "tf32x3", dict(topk=100)),
     ("top-k k=100", torch.float64, "ieee", dict(topk=100)),
     ("top-k k=256", torch.float32, "tf32x3", dict(topk=256)),
+    # issue 18: the sigmoid statistic (per-row τ and bias requiring grad, N ≠ M, rows without a positive) and the
+    # same-label switches, at the statistics level
+    ("sigmoid", torch.bfloat16, "tf32", dict(stats="sigmoid")),
+    ("sigmoid", torch.float32, "tf32x3", dict(stats="sigmoid")),
+    ("sigmoid", torch.float64, "ieee", dict(stats="sigmoid")),
+    ("sigmoid same_label=mask", torch.bfloat16, "tf32", dict(stats="sigmoid_mask")),
+    ("sigmoid same_label=positive", torch.bfloat16, "tf32", dict(stats="sigmoid_positive")),
+    ("infonce same_label=mask", torch.bfloat16, "tf32", dict(stats="lse_mask")),
+    ("infonce same_label=mask", torch.float64, "ieee", dict(stats="lse_mask")),
+    ("infonce DySTreSS detach=False same_label=mask", torch.bfloat16, "tf32", dict(stats="dystress_grad_mask")),
+    ("nt_xent DCL same_label=mask", torch.bfloat16, "tf32", dict(stats="ntxent_mask")),
+    ("max-margin same_label=mask", torch.bfloat16, "tf32", dict(stats="hinge_mask")),
+    ("max-margin hardest same_label=mask", torch.bfloat16, "tf32", dict(stats="hard_mask")),
 ]
 
 

@@ -21,6 +21,11 @@ import torch
 
 from ..stats import Stats, StatsRequest
 
+# the op's outputs, in order (op.FIELDS; repeated so that importing the backend does not import triton)
+FIELDS = ("pos", "lse", "hinge", "cnt", "hard", "arg", "ws", "lse_c", "hinge_c", "cnt_c", "hard_c", "arg_c", "ws_c",
+          "sig")
+_SAME_LABEL = {None: 0, "mask": 1, "positive": 2}  # the op's same_label argument (and the kernels' LABELS)
+
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -70,28 +75,37 @@ def _check_mode(x: torch.Tensor) -> None:
                          "kernels are first loaded in this process; it was not set then")
 
 
-def compute_stats(x, y, tau, margin, targets, request: StatsRequest, self_cols=None) -> Stats:
-    """The contract of ``mmts_kernels.stats``: requested fields as [H, N] tensors, differentiable in x, y, τ, m."""
+def compute_stats(x, y, tau, margin, targets, request: StatsRequest, self_cols=None, *, bias=None,
+                  labels=None) -> Stats:
+    """The contract of ``mmts_kernels.stats``: requested fields as [H, N] tensors, differentiable in x, y, τ, m and
+    the sigmoid's bias."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"backend='triton' supports float64, float32, bfloat16 and float16 inputs, got {x.dtype}")
     _ops()
     if not torch.compiler.is_compiling():
         _check_mode(x)
     dystress = request.dystress
-    lse, hinge, hard, cols = request.lse, request.hinge, request.hard, request.cols
+    lse, hinge, hard, cols, sigmoid = request.lse, request.hinge, request.hard, request.cols, request.sigmoid
+    same_label = _SAME_LABEL[request.same_label]
+    extra = {}
+    if sigmoid or same_label:  # the new trailing arguments, only when used: the op's other calls stay as they were
+        extra = dict(bias=bias if sigmoid else None, labels_x=labels[0] if same_label else None,
+                     labels_y=labels[1] if same_label else None, sigmoid=sigmoid, same_label=same_label)
     outs = torch.ops.mmts_kernels.triton_stats(
         x, y,
-        tau if lse and dystress is None else None,
+        tau if (lse and dystress is None) or sigmoid else None,
         margin if hinge else None,  # the hardest-negative loss adds its margin outside the statistics
         targets, lse, hinge, hard, lse and request.ws, cols, dystress is not None,
         float(dystress.tau_min) if dystress is not None else 0.0,
         float(dystress.tau_max) if dystress is not None else 0.0,
         request.deterministic, self_cols, request.decoupled, dystress is not None and not dystress.detach,
+        **extra,
     )
     wanted = {"pos": True, "lse": lse, "hinge": hinge, "cnt": hinge, "hard": hard, "arg": hard,
               "ws": lse and request.ws}
     wanted.update({f"{k}_c": on and cols for k, on in list(wanted.items()) if k != "pos"})
-    return Stats(**{name: (out if wanted[name] else None) for name, out in zip(Stats._fields, outs)})
+    wanted["sig"] = sigmoid
+    return Stats(**{name: out for name, out in zip(FIELDS, outs) if wanted.get(name)})
 
 
 def compute_topk(x, y, targets, self_cols, k: int, deterministic: bool) -> torch.Tensor:

@@ -8,6 +8,9 @@
     DySTreSS:  τ(s) = τ_min + ½(τ_max − τ_min)(1 + cos(π(1 + s)))  on the (detached) similarity s; with the
                gradient through τ (detach=False) the slope of s/τ(s) is (τ − s·τ'(s))/τ² (``dystress_slope``).
     excluded:  NT-Xent's per-row excluded column (the anchor itself) and the decoupled positive (``excluded_lse``).
+    sigmoid:   softplus(v) = max(v, 0) + log1p(e^{−|v|}) and σ(v) from the same e^{−|v|} (``softplus_sigmoid``).
+    labels:    same_ij = (lx_i == ly_j) on a tile (``label_match``) and the entries "mask" leaves out
+               (``row_exclusions``).
 
 Every index is int64 before it meets a stride, so offsets past 2³¹ elements are exact.
 """
@@ -132,3 +135,48 @@ def merge_hardest(new, new_arg, old, old_arg):
     old_ok = old == old
     take = (new_nan & (old_ok | (new_arg < old_arg))) | (old_ok & ((new > old) | ((new == old) & (new_arg < old_arg))))
     return tl.where(take, new, old), tl.where(take, new_arg, old_arg)
+
+
+@triton.jit
+def softplus_sigmoid(v):
+    """(softplus(v), σ(v)) for every finite v, from one e = exp(−|v|) ∈ (0, 1]:
+
+        softplus(v) = max(v, 0) + log1p(e),    σ(v) = 1/(1 + e) for v ≥ 0, e/(1 + e) below.
+
+    log1p without a log1p (the interpreter has no libdevice): log1p(e) = log(w)·e/(w − 1) with w = 1 + e rounded,
+    exact to a few ulps because w − 1 is exact and the quotient cancels w's rounding (Goldberg); log1p(e) = e
+    where w rounds to 1. A plain log(1 + e) loses all digits of e below ulp(1): the terms of the negatives at
+    bias −10 are e^{−10} ≈ 4.5e-5, 10⁻³ relative in fp32. tl.log is the accurate libdevice log on a GPU too."""
+    e = tl.exp(-tl.abs(v))
+    w = 1.0 + e
+    gap = w - 1.0
+    log1p_e = tl.where(gap == 0.0, e, tl.log(w) * (e / tl.where(gap == 0.0, 1.0, gap)))
+    return tl.maximum(v, 0.0) + log1p_e, tl.where(v >= 0, 1.0, e) / w
+
+
+@triton.jit
+def label_match(LX, LY, rows, cols, row_ok, col_ok):
+    """same_ij = (lx_i == ly_j) on one tile, compared as loaded (int64): no narrowing can merge two classes."""
+    lx = tl.load(LX + rows, mask=row_ok, other=0)
+    ly = tl.load(LY + cols, mask=col_ok, other=0)
+    return lx[:, None] == ly[None, :]
+
+
+@triton.jit
+def row_exclusions(is_pos, is_self, rows, cols, row_ok, col_ok, LX, LY, LABELS: tl.constexpr,
+                   MASK_SELF: tl.constexpr):
+    """(same-label matrix, excluded entries of each row) of one tile under the label switch LABELS (0: none, 1:
+    "mask", 2: "positive"). "mask": the same-label columns other than the target leave every statistic, as the
+    self column does (MASK_SELF); in the square case the same matrix, transposed, is what each column leaves out
+    (the target there is the diagonal). Without labels the first output is a placeholder; without exclusions the
+    second is."""
+    same = is_pos
+    if LABELS != 0:
+        same = label_match(LX, LY, rows, cols, row_ok, col_ok)
+    excluded = is_self
+    if LABELS == 1:
+        if MASK_SELF:
+            excluded = is_self | (same & ~is_pos)
+        else:
+            excluded = same & ~is_pos
+    return same, excluded

@@ -10,15 +10,20 @@ With the upstream gradients g of the statistics (row i, column j of the symmetri
            + g^lse,c_j · p^c_ij / τ_j              p^c_ij = exp(S_ij/τ_j − lse^c_j)
            + g^hinge,c_j · 1[i ≠ j, m_j + S_ij − pos_j > 0]
            + g^hard,c_j · 1[i = arg^c_j]
+           + g^sig_i · (−z_ij σ(−z_ij u_ij)) / τ_i      u_ij  = S_ij/τ_i + b_i (the sigmoid statistic)
 
 NT-Xent (row direction): p_ij = 0 at row i's excluded entries (its self column, and t_i when decoupled) and the
 hinge skips the self column. DySTreSS with detach=False (DYS_GRAD): 1/τ_ij becomes the slope of S/τ(S),
-(τ − S·τ'(S))/τ², in both directions.
+(τ − S·τ'(S))/τ², in both directions. Labels "mask": dS_ij = 0 wherever row i (and, square, column j) leaves the
+same-label entry out, which is the same set for every statistic, so it is applied once at the end of the tile.
 (the −cnt g^hinge terms are ∂hinge/∂pos; in the symmetric case the column positive S_jj is pos_j, so both
 directions fold into the one coefficient c on S_{i,t_i}). The one-element terms (positive, hardest negative) are
 added inside the tile, where they cost a compare and a select: applied afterwards they would need a scatter into
 dy with repeated targets (atomics, not reproducible). Temperatures and margins get O(N) closed forms on the host:
-∂lse_i/∂τ_i = −ws_i/τ_i², ∂hinge_i/∂m_i = cnt_i.
+∂lse_i/∂τ_i = −ws_i/τ_i², ∂hinge_i/∂m_i = cnt_i. The sigmoid's τ and bias need sums over j of the per-element
+a_ij = g^sig_i · (−z_ij σ(−z_ij u_ij)): ∂/∂b_i = Σ_j a_ij, ∂/∂τ_i = −Σ_j a_ij S_ij / τ_i²; the ds kernel has a_ij in
+registers, so it stores both row sums per tile (SIG_SUMS, only when τ or the bias requires grad), summed on the host
+in a fixed order (the forward would pay two more reductions whether or not they are needed, and it spills then).
 
 Why a panel and two GEMMs. A fused kernel must hold its whole output block (BLOCK_N × D in fp32) while it sweeps
 the other axis, and for D ≥ 256 that does not fit in registers: the previous design recomputed S once per D slice
@@ -50,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dystress_slope, dystress_tau, exact_positive, excluded_lse, logits, s_tile, tile_has_positive
+from ._tiles import (dystress_slope, dystress_tau, exact_positive, excluded_lse, label_match, logits, s_tile,
+                     softplus_sigmoid, tile_has_positive)
 from .forward import dot_precision, dot_upcast, dystress_params, kernel_types, panel_width
 
 
@@ -59,11 +65,17 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
             TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
             LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
             LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-            DYS, SELF,
+            DYS, SELF, BIAS, sb_h, sb_n, G_SIG, LX, LY, R_SIG_B, R_SIG_S, r_part,
             LSE_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, COLS: tl.constexpr,
             DYSTRESS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
-            MASK_SELF: tl.constexpr, DECOUPLED: tl.constexpr, DYS_GRAD: tl.constexpr):
-    """∂L/∂S on one tile (the formula in the module docstring), zero outside the matrix; ``t``: the rows' targets."""
+            MASK_SELF: tl.constexpr, DECOUPLED: tl.constexpr, DYS_GRAD: tl.constexpr,
+            SIG_ON: tl.constexpr, SIG_SUMS: tl.constexpr, LABELS: tl.constexpr):
+    """∂L/∂S on one tile (the formula in the module docstring), zero outside the matrix; ``t``: the rows' targets.
+
+    Labels (LABELS 1, "mask"): every statistic of row i and, in the square case, of column j leaves out the same
+    entries, drop_ij = same_ij ∧ j ≠ t_i, and none of the one-element terms (positive, hardest negative) can sit
+    there, so ∂L/∂S is zeroed on drop once, at the end: the [BLOCK_N, BLOCK_M] mask is then not live across the
+    tile's math (DySTreSS with its gradient through τ spills otherwise). The sigmoid's row sums need it earlier."""
     rv = h * N + rows  # row vectors are [H, N] contiguous, column vectors [H, M]
     cv = h * M + cols
     rows32, cols32 = rows.to(tl.int32), cols.to(tl.int32)  # int32 compares: half the registers of int64
@@ -133,19 +145,46 @@ def ds_tile(S, h, rows, cols, row_ok, col_ok, N, M, t, has_pos_tile,
             a_c = tl.load(ARG_C + cv, mask=col_ok, other=-1)
             gd_c = tl.load(G_HARD_C + cv, mask=col_ok, other=0.0)
             ds += tl.where(rows32[:, None] == a_c.to(tl.int32)[None, :], gd_c[None, :], 0.0)
-    return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+    if SIG_ON:  # g^sig_i · (−z_ij σ(−z_ij u_ij)) / τ_i, u rebuilt as the forward built it
+        tau_s = tl.load(TAU + h * stau_h + rows * stau_n, mask=row_ok, other=1.0).to(ACC)
+        b_s = tl.load(BIAS + h * sb_h + rows * sb_n, mask=row_ok, other=0.0).to(ACC)
+        g_s = tl.load(G_SIG + rv, mask=row_ok, other=0.0)
+        u = logits(S, tau_s[:, None], FAST) + b_s[:, None]
+        if LABELS != 0:
+            same = label_match(LX, LY, rows, cols, row_ok, col_ok)
+        if LABELS == 2:
+            positive = is_pos | same
+        else:
+            positive = is_pos
+        _, sg = softplus_sigmoid(tl.where(positive, -u, u))
+        du = g_s[:, None] * tl.where(positive, -sg, sg)  # ∂(g·sig_i)/∂u_ij
+        keep = row_ok[:, None] & col_ok[None, :]
+        if MASK_SELF:
+            keep = keep & ~is_self
+        if LABELS == 1:
+            keep = keep & (~same | is_pos)
+        du = tl.where(keep, du, 0.0)
+        ds += logits(du, tau_s[:, None], FAST)
+        if SIG_SUMS:  # ∂/∂b_i = Σ_j du_ij, ∂/∂τ_i = −Σ_j du_ij S_ij / τ_i²: this tile's share of both sums
+            tl.store(R_SIG_B + r_part, tl.sum(du, axis=1), mask=row_ok)
+            tl.store(R_SIG_S + r_part, tl.sum(du * S, axis=1), mask=row_ok)
+    keep = row_ok[:, None] & col_ok[None, :]
+    if LABELS == 1:  # loaded here, not above: int64 labels of the tile's columns take registers
+        keep = keep & (~label_match(LX, LY, rows, cols, row_ok, col_ok) | is_pos)
+    return tl.where(keep, ds, 0.0)
 
 
-@triton.jit(do_not_specialize=["N", "M", "cb0", "P", "st", "stau_h", "stau_n", "smar_h", "smar_n"])
+@triton.jit(do_not_specialize=["N", "M", "cb0", "P", "st", "stau_h", "stau_n", "smar_h", "smar_n", "sb_h", "sb_n"])
 def ds_kernel(
     X, Y, DS, SCALE,
     T, TAU, MARGIN, POS, LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG, LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-    N, M, D, cb0, P, DYS, SELF,
-    sxh, sxn, sxd, syh, sym, syd, st, stau_h, stau_n, smar_h, smar_n,
+    N, M, D, cb0, P, DYS, SELF, BIAS, G_SIG, LX, LY, R_SIG_B, R_SIG_S,   # R_SIG_*: row partials [H, P/BLOCK_M, N]
+    sxh, sxn, sxd, syh, sym, syd, st, stau_h, stau_n, smar_h, smar_n, sb_h, sb_n,
     LSE_ON: tl.constexpr, HINGE_ON: tl.constexpr, HARD_ON: tl.constexpr, COLS: tl.constexpr,
     DYSTRESS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
     MASK_SELF: tl.constexpr = False, DECOUPLED: tl.constexpr = False, DYS_GRAD: tl.constexpr = False,
+    SIG_ON: tl.constexpr = False, SIG_SUMS: tl.constexpr = False, LABELS: tl.constexpr = 0,
 ):
     """DS[h, rows, cols − first column of the panel] = SCALE · ∂L/∂S on one tile, in DS's dtype; [H, N, P]."""
     r = tl.program_id(0).to(tl.int64)
@@ -168,8 +207,9 @@ def ds_kernel(
                  TAU, stau_h, stau_n, MARGIN, smar_h, smar_n, POS,
                  LSE, G_LSE, G_HINGE, C_POS, G_HARD, ARG,
                  LSE_C, G_LSE_C, G_HINGE_C, G_HARD_C, ARG_C,
-                 DYS, SELF,
-                 LSE_ON, HINGE_ON, HARD_ON, COLS, DYSTRESS, ACC, FAST, MASK_SELF, DECOUPLED, DYS_GRAD)
+                 DYS, SELF, BIAS, sb_h, sb_n, G_SIG, LX, LY, R_SIG_B, R_SIG_S, (h * (P // BLOCK_M) + c) * N + rows,
+                 LSE_ON, HINGE_ON, HARD_ON, COLS, DYSTRESS, ACC, FAST, MASK_SELF, DECOUPLED, DYS_GRAD, SIG_ON,
+                 SIG_SUMS, LABELS)
     ds = ds * tl.load(SCALE).to(ACC)
     tl.store(DS + (h * N + rows[:, None]) * P + local[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -278,7 +318,7 @@ def grad_scale(x, grads, tau, cdt, dystress, tau_min, slope_bound=None):
         return one
     bound = one * 2.0 ** -14  # never scale a tiny bound into fp16's subnormals
     for name, g in grads.items():
-        if name in ("lse", "lse_c"):
+        if name in ("lse", "lse_c", "sig"):  # |σ| ≤ 1: sig's coefficient is at most |g|/τ too
             low = torch.as_tensor(tau_min, dtype=cdt, device=x.device) if dystress else tau.abs().amin()
             bound = bound + g.abs().amax() / low
             if slope_bound is not None:
@@ -290,11 +330,13 @@ def grad_scale(x, grads, tau, cdt, dystress, tau_min, slope_bound=None):
 
 def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, hard, ws, cols, dystress, tau_min,
                     tau_max, need_x, need_y, need_tau, need_margin, cfg, self_cols=None, decoupled=False,
-                    dys_grad=False):
-    """Gradients of x, y (kernel + GEMMs), tau and margin (O(N) closed forms); None for what is not needed.
+                    dys_grad=False, bias=None, labels_x=None, labels_y=None, sigmoid=False, same_label=0,
+                    need_bias=False):
+    """Gradients of x, y (kernel + GEMMs), tau, margin and bias (O(N) closed forms); None for what is not needed.
 
-    ``saved`` and ``grads`` map the ``Stats`` field names to the forward outputs and their upstream gradients
-    (a gradient may be None: that statistic did not reach the loss)."""
+    ``saved`` and ``grads`` map the op's field names (op.FIELDS) to the forward outputs and their upstream
+    gradients (a gradient may be None: that statistic did not reach the loss). The sigmoid's τ and bias gradients
+    are row sums of the tiles' ∂L/∂u (``ds_kernel`` with SIG_SUMS), so they too run the kernel."""
     H, N, D = x.shape
     M = y.shape[1]
     cdt, acc, fast = kernel_types(x)
@@ -311,6 +353,7 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
     g_lse, g_lse_c = g("lse", lse), g("lse_c", lse and cols)
     g_hinge, g_hinge_c = g("hinge", hinge), g("hinge_c", hinge and cols)
     g_hard, g_hard_c = g("hard", hard), g("hard_c", hard and cols)
+    g_sig = g("sig", sigmoid)
 
     c_pos = g_pos
     if hinge:  # ∂hinge_i/∂pos_i = −cnt_i, and the column positive of j is pos_j
@@ -318,11 +361,15 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         if cols:
             c_pos = c_pos - saved["cnt_c"].to(cdt) * g_hinge_c
 
-    dx = dy = dtau = dmargin = None
-    if need_x or need_y:
+    dx = dy = dtau = dmargin = dbias = None
+    sig_sums = sigmoid and ((need_tau and tau is not None) or (need_bias and bias is not None))
+    sig_b = sig_s = None  # Σ_j ∂L/∂u_ij and Σ_j ∂L/∂u_ij · S_ij per row, when τ or the bias needs them
+    if need_x or need_y or sig_sums:
         coefficients = {"pos": c_pos, "hinge": g_hinge, "hinge_c": g_hinge_c, "hard": g_hard, "hard_c": g_hard_c}
         if lse:
             coefficients.update(lse=g_lse, lse_c=g_lse_c)
+        if sigmoid:
+            coefficients.update(sig=g_sig)
         slope_bound = None
         if dys_grad and dystress and x.dtype == torch.float16:  # |S| ≤ max‖x_i‖·max‖y_j‖, |τ'| ≤ ½(τ_max − τ_min)π
             s_max = x.to(cdt).norm(dim=-1).amax() * y.to(cdt).norm(dim=-1).amax()
@@ -335,11 +382,16 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         mar_arg = margin if margin is not None else dummy
         stau = tau.stride() if tau is not None else (0, 0)
         smar = margin.stride() if margin is not None else (0, 0)
+        sbias = bias.stride() if bias is not None else (0, 0)
+        labels = (labels_x.contiguous(), labels_y.contiguous()) if same_label else (targets, targets)
+        row_only = (self_cols.contiguous() if self_cols is not None else targets,
+                    bias if bias is not None else dummy, g_sig, *labels)
         vectors = (targets, tau_arg, mar_arg, saved["pos"], pick("lse", lse), g_lse, g_hinge, c_pos, g_hard,
                    pick("arg", hard), pick("lse_c", lse and cols), g_lse_c, g_hinge_c, g_hard_c,
                    pick("arg_c", hard and cols))
         flags = dict(LSE_ON=lse, HINGE_ON=hinge, HARD_ON=hard, COLS=cols, DYSTRESS=dystress,
                      MASK_SELF=self_cols is not None, DECOUPLED=decoupled and lse, DYS_GRAD=dys_grad and dystress,
+                     SIG_ON=sigmoid, SIG_SUMS=sig_sums, LABELS=same_label,
                      BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, ACC=acc, PRECISION=precision,
                      UPCAST=upcast, FAST=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      enable_fp_fusion=False)  # no FMA contraction: z − lse must round as in the forward
@@ -349,6 +401,11 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         P = cfg.panel_blocks * bm or panel_width(N, M, cfg.bwd_panel_factor * D, N, bm)
         ds = torch.empty((H, N, P), dtype=gdt, device=x.device)
         num_c = triton.cdiv(M, bm)
+        if sig_sums:  # one partial per row and column block of a panel, summed on the host in a fixed order
+            part_b, part_s = (torch.empty((H, P // bm, N), dtype=cdt, device=x.device) for _ in range(2))
+            sig_b, sig_s = (torch.zeros((H, N), dtype=cdt, device=x.device) for _ in range(2))
+        else:
+            part_b = part_s = dummy
         # Results land in the input dtype directly where the GEMM can write it (one rounding, as torch's own
         # backward); fp16 (scaled), several dx panels, and CPU bf16/fp16 go through an fp32/fp64 accumulator.
         direct = gdt == x.dtype and x.dtype != torch.float16
@@ -360,9 +417,12 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         for cb0 in range(0, num_c, P // bm):
             c0, c1 = cb0 * bm, min(M, cb0 * bm + P)
             ds_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(c1 - c0, bm), H)](
-                x, y, ds, scale, *vectors, N, M, D, cb0, P, dys,
-                self_cols.contiguous() if self_cols is not None else targets,
-                *x.stride(), *y.stride(), targets.stride(0), *stau, *smar, **flags)
+                x, y, ds, scale, *vectors, N, M, D, cb0, P, dys, *row_only, part_b, part_s,
+                *x.stride(), *y.stride(), targets.stride(0), *stau, *smar, *sbias, **flags)
+            if sig_sums:
+                blocks = triton.cdiv(c1 - c0, bm)
+                sig_b += part_b[:, :blocks].sum(1)
+                sig_s += part_s[:, :blocks].sum(1)
             for h in range(H):
                 panel = ds[h, :, : c1 - c0]
                 if need_x:
@@ -380,13 +440,16 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
         if lse and not ws:
             raise RuntimeError("triton backend: the gradient of the temperature needs ws; request it (ws=True) "
                                "when the temperature requires grad")
-        dtau = torch.zeros_like(tau, dtype=cdt)
+        num = torch.zeros(tau.shape, dtype=cdt, device=x.device)
         if lse:  # ∂lse_i/∂τ_i = −ws_i/τ_i², the column direction alike with τ_j
-            num = g_lse * saved["ws"]
+            num = num + g_lse * saved["ws"]
             if cols:
                 num = num + g_lse_c * saved["ws_c"]
-            dtau = -num / tau.to(cdt) ** 2
-        dtau = dtau.to(tau.dtype)
+        if sigmoid:  # ∂(g·sig_i)/∂τ_i = −Σ_j ∂(g·sig_i)/∂u_ij · S_ij/τ_i²
+            num = num + sig_s
+        dtau = (-num / tau.to(cdt) ** 2).to(tau.dtype)
+    if need_bias and bias is not None:
+        dbias = (sig_b if sigmoid else torch.zeros(bias.shape, dtype=cdt, device=x.device)).to(bias.dtype)
     if need_margin and margin is not None:
         dmargin = torch.zeros(margin.shape, dtype=cdt, device=x.device)
         if hinge:  # ∂hinge_i/∂m_i = cnt_i
@@ -394,4 +457,4 @@ def launch_backward(x, y, tau, margin, targets, saved, grads, *, lse, hinge, har
             if cols:
                 dmargin = dmargin + saved["cnt_c"].to(cdt) * g_hinge_c
         dmargin = dmargin.to(margin.dtype)
-    return dx, dy, dtau, dmargin
+    return dx, dy, dtau, dmargin, dbias
