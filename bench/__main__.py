@@ -2,16 +2,19 @@
 would run instead, on this device, in the same run.
 
 Backends: ``torch`` (the eager reference), the competitors of ``bench.competitors`` — ``openclip`` (open_clip's
-ClipLoss with MM-TS's per-sample τ, eager), ``openclip_compile`` (it under torch.compile) and ``inf_cl`` (Inf-CL,
+ClipLoss with MM-TS's per-sample τ, or its own SigLipLoss for the sigmoid loss, eager), ``openclip_compile`` (it
+under torch.compile), ``openclip_chunked`` (open_clip's chunked SigLipLoss, sigmoid only) and ``inf_cl`` (Inf-CL,
 scalar τ, InfoNCE only, when installed) —, ``torch_compile`` (the reference under torch.compile) and every fused
 backend ``mk.available_backends()`` reports usable on the device (``cpp`` on CPU, ``triton`` on CUDA). Losses:
-``bench.worker.LOSSES`` (symmetric InfoNCE with per-sample τ, symmetric max-margin with per-sample margins).
+``bench.worker.LOSSES`` (symmetric InfoNCE with per-sample τ, symmetric max-margin with per-sample margins, SimCLR
+NT-Xent, SigLIP's sigmoid loss with per-sample τ and a bias).
 For each backend, loss, dtype and size: the median time of the forward, the backward and the full
 (forward+backward) pass with the spread of its repeats, the peak memory of each, and TFLOP/s counting 8·N·M·D per
 forward+backward; plus a bare N×D·D×N GEMM per (dtype, N, D): the GEMM rate.
 
-Default sweep. CPU: fp32, D = 256, N in {1024, 2048}, the three losses (32 cells; about a minute on 2 cores,
-up to 3 when other work loads them).
+Default sweep. CPU: fp32, D = 256, N in {1024, 2048}, the four losses (44 cells; under 2 minutes on 2 cores,
+up to 4 when other work loads them). The issue's CPU goal cell (fused sigmoid against open_clip's eager SigLipLoss
+at N = 4096, D = 256): ``python -m bench --losses sigmoid --sizes 4096``.
 CUDA: bf16 and fp32, D = 512, N in {4096, 16384}. ``--full``: the long sweep (it includes what the default swept
 before: N in {1024, 2048, 4096} on CPU); ``--quick``: one size.
 
@@ -64,7 +67,7 @@ DEFAULT_OUT = os.path.join(REPO_ROOT, "bench", "results")
 COMPILED = "torch_compile"
 # The order of the lines within a (loss, N): the reference and what users run instead first, so that the ratios
 # of the lines after them are known as they print; then the library's compiled reference and its fused backends.
-LEAD_ORDER = ("torch", "openclip", "openclip_compile", "inf_cl", COMPILED)
+LEAD_ORDER = ("torch", "openclip", "openclip_compile", "openclip_chunked", "inf_cl", COMPILED)
 MEMORY_WORKER = "memory"
 STARTUP_TIMEOUT_S = 300.0
 
@@ -126,8 +129,9 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def backends_to_run(device: torch.device, wanted: Optional[List[str]]):
-    """(names to run, in ``LEAD_ORDER`` then the fused backends; {name: reason} for those left out)."""
+def backends_to_run(device: torch.device, wanted: Optional[List[str]], losses=tuple(LOSSES)):
+    """(names to run, in ``LEAD_ORDER`` then the fused backends; {name: reason} for those left out). A competitor
+    runs when it can run one of ``losses`` (``plan`` gives it the cells of those only)."""
     skipped, names = {}, ["torch", COMPILED]
     for name, reason in _backend_reasons(device, wanted).items():
         if name == "torch":
@@ -139,11 +143,11 @@ def backends_to_run(device: torch.device, wanted: Optional[List[str]]):
         else:
             skipped[name] = reason
     for name in competitors.COMPETITORS:
-        reason = competitors.unavailable_reason(name, device)
-        if reason is None:
+        reasons = [competitors.unavailable_reason(name, device, loss) for loss in losses]
+        if None in reasons:
             names.append(name)
         else:
-            skipped[name] = reason
+            skipped[name] = reasons[0]
     if wanted:
         known = set(names) | set(skipped) | set(getattr(mk.backends, "_MODULES", ()))
         unknown = [w for w in wanted if w not in known]
@@ -494,7 +498,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     label = report.device_name(device)
     now = datetime.datetime.now()
-    backends, skipped = backends_to_run(device, args.backends)
+    backends, skipped = backends_to_run(device, args.backends, args.losses)
     cells = plan(args, device, backends)
     print(textwrap.fill(f"device: {label} ({device.type}); torch {torch.__version__}; backends: "
                         f"{', '.join(backends)}; {len(cells)} cells", report.WIDTH))

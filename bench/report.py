@@ -18,6 +18,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .competitors import SIGLIP_CHUNK
+
 CSV_FIELDS = ["device", "backend", "loss", "dtype", "N", "M", "D", "pass", "ms_median", "peak_mem_bytes", "tflops",
               "ms_q1", "ms_q3", "repeats"]
 REFERENCE = "torch"
@@ -135,8 +137,10 @@ def summary(rows: List[dict]) -> List[dict]:
             vs_rival=ratio(rival_full.get("ms_median"), full.get("ms_median")),
             note="; ".join(flags + sorted(notes[key])),
         ))
-    order = {b: i for i, b in enumerate(_backend_order(rows))}
-    lines.sort(key=lambda l: (l["loss"], l["dtype"], l["D"], l["N"], order.get(l["backend"], 99)))
+    order: Dict[tuple, int] = {}  # each loss's backends in the order they were measured (the sweep's plan)
+    for r in rows:
+        order.setdefault((r["loss"], r["backend"]), len(order))
+    lines.sort(key=lambda l: (l["loss"], l["dtype"], l["D"], l["N"], order[(l["loss"], l["backend"])]))
     return lines
 
 
@@ -330,9 +334,11 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
             f"{NOISY_SPREAD:.0%}, or whose forward took longer than their forward+backward, are marked NOISY in the "
             "note: re-run them on a quiet machine before quoting them. Competitors (`bench/competitors.py`): "
             "openclip = open_clip's ClipLoss with the per-sample τ (S = x·yᵀ in the input dtype, cross_entropy over "
-            "S/τ[:, None] and Sᵀ/τ[:, None]; for max-margin the plain-torch hinge), eager; openclip_compile = the same "
-            "under torch.compile; inf_cl = Inf-CL's cal_inf_loss, one scalar τ (the mean of the per-sample ones), "
-            "InfoNCE only.", ""]
+            "S/τ[:, None] and Sᵀ/τ[:, None]; for max-margin the plain-torch hinge; for the sigmoid loss "
+            "open_clip's own SigLipLoss with logit_scale = 1/τ per row), eager; openclip_compile = the same under "
+            f"torch.compile; openclip_chunked = open_clip's chunked SigLipLoss (chunk_size={SIGLIP_CHUNK}; from its "
+            "main branch, written in bench/competitors.py as no release has it), sigmoid only; inf_cl = Inf-CL's "
+            "cal_inf_loss, one scalar τ (the mean of the per-sample ones), InfoNCE only.", ""]
     header = [t for t, *_ in _COLUMNS]
     out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in _table_cells(summary(rows))]

@@ -18,7 +18,8 @@ started with ``bench.timing.MALLOC_ENV`` (why: ``bench.timing``). On CUDA the ca
 each op exactly in any process, so the backend's worker measures both.
 
 Backends: the library's (``torch``, ``cpp``, ``triton``), ``torch_compile`` (the reference under torch.compile) and
-the competitors of ``bench.competitors`` (``openclip``, ``openclip_compile``, ``inf_cl``). Losses: ``LOSSES``.
+the competitors of ``bench.competitors`` (``openclip``, ``openclip_compile``, ``openclip_chunked``, ``inf_cl``).
+Losses: ``LOSSES``.
 """
 from __future__ import annotations
 
@@ -72,7 +73,14 @@ LOSSES: Dict[str, BenchLoss] = {
     "nt_xent": BenchLoss(lambda z1, z2, tau, backend: mk.nt_xent(z1, z2, tau, backend=backend),
                          competitors.plain_nt_xent, (0.05, 0.15),
                          "SimCLR NT-Xent (2B anchors of two views of B = N samples), per-sample τ_i ∈ [0.05, 0.15]"),
+    "sigmoid": BenchLoss(lambda x, y, tau, backend: mk.sigmoid_loss(x, y, tau, competitors.SIGLIP_BIAS,
+                                                                    backend=backend),
+                         competitors.openclip_siglip, (0.05, 0.15),
+                         f"SigLIP sigmoid loss, per-sample τ_i ∈ [0.05, 0.15], bias {competitors.SIGLIP_BIAS:g} "
+                         "(open_clip's init)"),
 }
+# Competitors with their own function instead of a loss's ``plain`` one.
+OWN_FUNCTION = ("inf_cl", "openclip_chunked")
 
 
 def make_inputs(N: int, D: int, dtype: torch.dtype, device: torch.device, loss: str):
@@ -89,7 +97,7 @@ def loss_function(backend: str, loss: str):
     """``f(x, y, per_sample) -> scalar loss`` for a library backend, the reference under torch.compile, or a
     competitor."""
     case = LOSSES[loss]
-    if backend == "inf_cl":
+    if backend in OWN_FUNCTION:
         return competitors.loss_function(backend, loss)
     if backend in ("openclip", "openclip_compile"):
         f = case.plain

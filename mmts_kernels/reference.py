@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .stats import Stats, StatsRequest, compute_dtype
 from .topk import torch_topk as compute_topk  # noqa: F401  (the top-k statistic's reference)
@@ -60,8 +61,9 @@ def compute_stats(
         positive = is_pos | same if request.same_label == "positive" else is_pos
         z = torch.where(positive, 1.0, -1.0).to(cdt)
         u = S / tau.to(cdt).unsqueeze(2) + bias.to(cdt).unsqueeze(2)
-        v = -z * u  # softplus(v) = max(v, 0) + log1p(e^−|v|): exact for every v (F.softplus returns v above 20)
-        out["sig"] = (v.clamp(min=0) + torch.log1p(torch.exp(-v.abs()))).masked_fill(is_self, 0.0).sum(2)
+        # softplus(−zu) = −log σ(zu): logsigmoid is exact for every argument (F.softplus returns v itself above
+        # 20, 2e-9 off) and its gradient is σ, 0.5 at 0 (a max(v, 0) form would give 1 there)
+        out["sig"] = (-F.logsigmoid(z * u)).masked_fill(is_self, 0.0).sum(2)
 
     if request.lse:
         if request.dystress is not None:

@@ -7,6 +7,7 @@ The long-tail experiment (`python -m bench.longtail`) is tested in test_longtail
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import signal
@@ -22,7 +23,7 @@ sys.path.insert(0, REPO)  # `bench` is not an installed package: import it from 
 
 import mmts_kernels as mk  # noqa: E402
 from bench import competitors, cpp_vs_gemm, gpu_check, plot_schedule, report, worker  # noqa: E402
-from bench.__main__ import WorkerPool, parse_args, plan, result_rows, run_cells  # noqa: E402
+from bench.__main__ import WorkerPool, backends_to_run, parse_args, plan, result_rows, run_cells  # noqa: E402
 from bench.timing import (PeakMemory, Timing, adaptive_enough, cpu_probe_reason, forward_backward_peaks,  # noqa: E402
                           measure_ms, time_forward_backward)
 
@@ -329,6 +330,74 @@ def test_competitors_equal_the_reference_in_float64():
         competitors.loss_function("inf_cl", "max_margin")
 
 
+def _siglip_formula(x, y, tau, bias):
+    """−(1/N) Σ_ij log σ(z_ij (S_ij/τ_i + b)) in float64, z = +1 on the diagonal, −1 elsewhere."""
+    z = 2 * torch.eye(x.shape[0], dtype=x.dtype) - 1
+    return -torch.nn.functional.logsigmoid(z * ((x @ y.T) / tau[:, None] + bias)).sum() / x.shape[0]
+
+
+def test_sigmoid_competitors_equal_the_formula_in_float64():
+    """open_clip's SigLipLoss (the installed class) and the chunked competitor (chunks of 4 rows over 11: uneven)
+    compute the SigLIP loss with per-row τ_i and the bias, values and gradients; the bench's library entry too.
+    open_clip's chunked loss takes F.softplus, whose default threshold returns v itself for v > 20 (off by
+    log1p(e^−v) < 2.1e-9 per pair), so it is held to 1e-9; the unchunked one (F.logsigmoid) to 1e-12."""
+    if competitors.open_clip_loss_module() is None:
+        pytest.skip(competitors.OPEN_CLIP_MISSING)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(11, 5, generator=g, dtype=torch.float64), torch.randn(11, 5, generator=g, dtype=torch.float64)
+    tau = 0.05 + 0.1 * torch.rand(11, generator=g, dtype=torch.float64)
+    ref_leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), tau.clone().requires_grad_()]
+    want = _siglip_formula(*ref_leaves, competitors.SIGLIP_BIAS)
+    want_grads = torch.autograd.grad(want, ref_leaves)
+    chunked = functools.partial(competitors.openclip_siglip_chunked, chunk_size=4)
+    for f, tol in ((competitors.openclip_siglip, 1e-12), (competitors.loss_function("openclip", "sigmoid"), 1e-12),
+                   (chunked, 1e-9), (competitors.loss_function("openclip_chunked", "sigmoid"), 1e-9)):
+        leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), tau.clone().requires_grad_()]
+        got = f(*leaves)
+        assert got.dtype == torch.float64 and float(got.detach()) == pytest.approx(float(want.detach()), rel=tol)
+        for a, b in zip(torch.autograd.grad(got, leaves), want_grads):
+            assert (a - b).norm() <= tol * b.norm()
+    # The library through the bench's entry; the DESIGN bar for the float64 reference (the competitors above agree
+    # with the formula far closer, being the same elementwise ops).
+    library = worker.LOSSES["sigmoid"].library(x, y, tau, "torch")
+    assert float(library) == pytest.approx(float(want.detach()), rel=1e-9)
+    with pytest.raises(ValueError, match="SigLipLoss only"):
+        competitors.loss_function("openclip_chunked", "infonce")
+
+
+def test_sigmoid_competitors_run_where_they_can():
+    """openclip_chunked gets sigmoid cells only; it runs when a requested loss is the sigmoid one."""
+    cpu = torch.device("cpu")
+    assert competitors.unavailable_reason("openclip_chunked", cpu, "sigmoid") is None
+    assert competitors.unavailable_reason("openclip_chunked", cpu, None) is None
+    assert "SigLipLoss only" in competitors.unavailable_reason("openclip_chunked", cpu, "infonce")
+    args = parse_args(["--losses", "infonce", "sigmoid", "--sizes", "24", "--dims", "8", "--no-gemm"])
+    cells = plan(args, cpu, ["torch", "openclip", "openclip_chunked"])
+    assert [(c["backend"], c["loss"]) for c in cells] == [
+        ("torch", "infonce"), ("openclip", "infonce"),
+        ("torch", "sigmoid"), ("openclip", "sigmoid"), ("openclip_chunked", "sigmoid")]
+    names, skipped = backends_to_run(cpu, ["torch", "openclip_chunked"], ["infonce"])
+    assert names == ["torch"] and "SigLipLoss only" in skipped["openclip_chunked"]
+    names, skipped = backends_to_run(cpu, ["torch", "openclip_chunked"], ["infonce", "sigmoid"])
+    assert names == ["torch", "openclip_chunked"] and "openclip_chunked" not in skipped
+
+
+def test_bench_sigmoid_cells(tmp_path):
+    """The sigmoid rows: the library's reference, open_clip's SigLipLoss eager and the chunked one."""
+    if competitors.open_clip_loss_module() is None:
+        pytest.skip(competitors.OPEN_CLIP_MISSING)
+    tiny = [a if a != "infonce" else "sigmoid" for a in TINY]
+    proc = _run(["-m", "bench", *tiny, "--out-dir", str(tmp_path), "--backends", "torch", "openclip",
+                 "openclip_chunked"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [csv_path] = list(tmp_path.glob("*.csv"))
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    _assert_measured(rows, ["torch", "openclip", "openclip_chunked"])
+    assert {r["loss"] for r in rows if r["backend"] != "gemm"} == {"sigmoid"}
+    assert "── sigmoid, float32, D = 256" in proc.stdout
+    assert "SigLIP sigmoid loss" in csv_path.with_suffix(".md").read_text()
+
+
 def test_chunked_float64_reference_matches_the_whole_one():
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(37, 6, generator=g), torch.randn(37, 6, generator=g)
@@ -397,3 +466,13 @@ def test_flops_names_and_ratios():
             for b, ms in (("torch", 4.0), ("cpp", 2.0)) for p in ("forward", "backward", "full")]
     [ref, fast] = report.summary(rows)
     assert (ref["backend"], ref["speedup"], fast["backend"], fast["speedup"]) == ("torch", 1.0, "cpp", 2.0)
+
+
+def test_each_loss_lists_its_backends_in_the_order_measured():
+    """A backend that only some losses run (openclip_chunked: sigmoid) keeps its place in those losses' lines,
+    before the library's backends, as the sweep measured it."""
+    base = dict(device="d", dtype="float32", N=8, M=8, D=4, peak_mem_bytes=100, note="", tflops=1.0, ms_median=1.0)
+    measured = [("infonce", "torch"), ("infonce", "cpp"),
+                ("sigmoid", "torch"), ("sigmoid", "openclip_chunked"), ("sigmoid", "cpp")]
+    rows = [dict(base, loss=loss, backend=b, **{"pass": "full"}) for loss, b in measured]
+    assert [(l["loss"], l["backend"]) for l in report.summary(rows)] == measured

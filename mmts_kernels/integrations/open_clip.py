@@ -1,4 +1,8 @@
-"""open_clip's ``ClipLoss`` (open_clip/loss.py) as a drop-in class computed by the fused ``mk.info_nce``.
+"""open_clip's ``ClipLoss`` and ``SigLipLoss`` (open_clip/loss.py) as drop-in classes computed by the fused
+``mk.info_nce`` and ``mk.sigmoid_loss``.
+
+ClipLoss
+--------
 
 One process, N pairs (x_i = image_features[i], y_j = text_features[j]), s = logit_scale, the scale open_clip's
 ClipLoss receives (already exp'd: ``model.logit_scale.exp()``):
@@ -37,15 +41,41 @@ These equalities hold when every rank back-propagates the same upstream gradient
 weight does); every rank must call the loss and its backward. Unequal local batches, which open_clip cannot
 gather, work here: with local_loss=True the value is then mk's (``mk.info_nce`` with ``process_group``, whose
 mean over ranks is L_single) rather than the local mean, and the rest of the table holds as written.
+
+SigLipLoss
+----------
+One process, N pairs, s = logit_scale (exp'd, as above), b = logit_bias (0 when None), z_ij = +1 if i = j else −1:
+
+    L = −(1/N) Σ_i Σ_j log σ(z_ij · (s · x_i·y_j + b))
+
+which is ``mk.sigmoid_loss`` with τ = 1/s and bias b; autograd carries ∂L/∂s through the reciprocal and ∂L/∂b as
+it is.
+
+Distributed: rank r of W holds n pairs (X_r, Y_r). open_clip's value on rank r is its own anchors X_r against every
+rank's texts, divided by the local batch (each dist_impl — "bidir", "shift", "reduce", "gather" — moves the text
+blocks differently and computes the same sum):
+
+    L_r = −(1/n) Σ_{i ∈ r} Σ_{j over all N} log σ(z_ij (s x_i·y_j + b))
+
+The text blocks travel with their gradients, so a backward on every rank leaves in X_r and Y_r the gradient of
+Σ_r' L_r' = W · L_single (L_single: one process on the concatenated batch), and in s and b this rank's own
+∂L_r/∂s, ∂L_r/∂b, whose mean over the ranks (DDP's averaging) is L_single's. ``mk.sigmoid_loss`` with
+``process_group`` returns exactly L_r when the local batches are equal (its rule: the mean over ranks of the values
+is L_single; the y blocks go around the ring, gradients back through it), so every dist_impl is that one call.
+Unequal local batches, which open_clip's exchange cannot send, work here: the value is then mk's (the mean over
+ranks still L_single), and the gradients are as stated. As with open_clip, every rank must call the loss and its
+backward (both pass blocks around the ring); the gradients reaching Y_r are those of each rank's own upstream
+gradient, as open_clip's exchange returns them.
 """
 from __future__ import annotations
 
 from numbers import Real
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ..api import info_nce
+from ..api import info_nce, sigmoid_loss
 from ..temperature import MAX_TEMPERATURE
 from ..validation import BACKENDS
 
@@ -82,10 +112,7 @@ class ClipLoss(nn.Module):
                            ("cache_labels", cache_labels), ("use_horovod", use_horovod)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        _check_int("world_size", world_size, low=1)
-        _check_int("rank", rank, low=0)
-        if rank >= world_size:
-            raise ValueError(f"rank must lie in [0, world_size) = [0, {world_size}), got {rank}")
+        _check_rank(rank, world_size)
         if use_horovod:
             raise ValueError("use_horovod=True: horovod is not supported by this ClipLoss; run data-parallel with "
                              "torch.distributed (its default process group is used) and use_horovod=False")
@@ -108,7 +135,7 @@ class ClipLoss(nn.Module):
         if not isinstance(output_dict, bool):
             raise TypeError(f"output_dict must be a bool, got {type(output_dict).__name__}")
         _check_features(image_features, text_features)
-        tau = _temperature(logit_scale, image_features.dtype)
+        tau = _temperature(logit_scale, image_features.dtype, "ClipLoss")
         if self.world_size == 1:
             loss = info_nce(image_features, text_features, temperature=tau, backend=self.backend)
         else:
@@ -137,6 +164,69 @@ class ClipLoss(nn.Module):
                 f"world_size={self.world_size}, backend={self.backend!r}")
 
 
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss``: the same constructor and call, the loss from ``mk.sigmoid_loss``.
+
+    rank, world_size:  open_clip's distributed arguments; with world_size > 1 they must be those of torch.distributed's
+                       default group, and the loss runs ``mk.sigmoid_loss`` over it (see the module docstring).
+    dist_impl:         open_clip's choice of exchange (None = "bidir", "shift", "reduce", "gather"): each computes
+                       the same loss and gradients, here all by mk's ring exchange of the text blocks.
+    cache_labels:      accepted; there are no labels to cache (the ±1 targets are never materialized).
+    chunk_size:        accepted (open_clip's main branch added it to bound the logits' memory): an int ≥ 0, unused,
+                       as the fused loss never holds the logits.
+    backend:           mk's backend ("auto" | "torch" | "cpp" | "triton"), an extra keyword.
+
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``: features [N, D];
+    logit_scale the exp'd scale 1/τ (a number or a one-element tensor, may require grad), at least
+    1 / MAX_TEMPERATURE; logit_bias None (no bias), a number or a one-element tensor (may require grad). Returns the
+    scalar loss, or ``{"contrastive_loss": loss}`` with output_dict=True.
+    """
+
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: Optional[str] = None,
+        chunk_size: int = 0,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(cache_labels, bool):
+            raise TypeError(f"cache_labels must be a bool, got {type(cache_labels).__name__}")
+        _check_rank(rank, world_size)
+        if dist_impl is not None and dist_impl not in self.DIST_IMPLS:
+            raise ValueError(f"dist_impl must be None or one of {self.DIST_IMPLS} (open_clip's exchanges), got "
+                             f"{dist_impl!r}")
+        _check_int("chunk_size", chunk_size, low=0)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"  # open_clip's default
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        if not isinstance(output_dict, bool):
+            raise TypeError(f"output_dict must be a bool, got {type(output_dict).__name__}")
+        _check_features(image_features, text_features)
+        tau = _temperature(logit_scale, image_features.dtype, "SigLipLoss")
+        bias = _bias(logit_bias, image_features.dtype)
+        group = _default_group(self.rank, self.world_size) if self.world_size > 1 else None
+        loss = sigmoid_loss(image_features, text_features, temperature=tau, bias=bias, backend=self.backend,
+                            process_group=group)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
+                f"backend={self.backend!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments.
 
@@ -145,6 +235,13 @@ def _check_int(name: str, value, *, low: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_rank(rank, world_size) -> None:
+    _check_int("world_size", world_size, low=1)
+    _check_int("rank", rank, low=0)
+    if rank >= world_size:
+        raise ValueError(f"rank must lie in [0, world_size) = [0, {world_size}), got {rank}")
 
 
 def _check_features(image_features, text_features) -> None:
@@ -159,11 +256,12 @@ def _check_features(image_features, text_features) -> None:
                          f"{image_features.shape[0]} and {text_features.shape[0]}")
 
 
-def _temperature(logit_scale, features_dtype: torch.dtype):
+def _temperature(logit_scale, features_dtype: torch.dtype, owner: str):
     """τ = 1/logit_scale: a float, or a 0-dim tensor that carries the gradient back to ``logit_scale``.
 
     The reciprocal is taken in float64 when the features or the scale are float64, else in float32: open_clip
-    multiplies float64 logits by the exact value of a float32 scale, and 1/s rounded to float32 would be 6e-8 off."""
+    multiplies float64 logits by the exact value of a float32 scale, and 1/s rounded to float32 would be 6e-8 off.
+    ``owner``, the class, is named in the error for a scale that looks like a temperature."""
     if isinstance(logit_scale, torch.Tensor):
         if not logit_scale.is_floating_point():
             raise TypeError(f"logit_scale must be a floating-point tensor, got {logit_scale.dtype}")
@@ -176,32 +274,50 @@ def _temperature(logit_scale, features_dtype: torch.dtype):
         if not torch.compiler.is_compiling() and scale.device.type != "meta":
             # One device sync for every rule; the second look, to say which one failed, only on the error path.
             if not bool(torch.isfinite(scale) & (scale > 0) & (tau <= MAX_TEMPERATURE)):
-                _raise_bad_scale(float(scale))
+                _raise_bad_scale(float(scale), owner)
         return tau
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
         raise TypeError(f"logit_scale must be a number or a one-element tensor, got {type(logit_scale).__name__}")
     scale = float(logit_scale)
     if not (scale > 0 and scale < float("inf") and 1.0 / scale <= MAX_TEMPERATURE):
-        _raise_bad_scale(scale)
+        _raise_bad_scale(scale, owner)
     return 1.0 / scale
 
 
-def _raise_bad_scale(scale: float) -> None:
+def _raise_bad_scale(scale: float, owner: str) -> None:
     if not (0 < scale < float("inf")):
         raise ValueError(f"logit_scale must be finite and > 0, got {scale}")
+    init = "10 for SigLIP" if owner == "SigLipLoss" else "≈ 14.3 for CLIP"
     raise ValueError(f"logit_scale = {scale:g} is below {1 / MAX_TEMPERATURE:g} (a temperature 1/logit_scale above "
-                     f"{MAX_TEMPERATURE:g}): it looks like a temperature τ, but ClipLoss takes open_clip's exp'd "
-                     f"logit scale 1/τ (model.logit_scale.exp(), ≈ 14.3 at init, at most 100); pass 1/τ")
+                     f"{MAX_TEMPERATURE:g}): it looks like a temperature τ, but {owner} takes open_clip's exp'd "
+                     f"logit scale 1/τ (model.logit_scale.exp(), {init} at init, at most 100); pass 1/τ")
+
+
+def _bias(logit_bias, features_dtype: torch.dtype):
+    """b for ``mk.sigmoid_loss``: 0.0 for None (open_clip then adds no bias), a float, or a 0-dim tensor that carries
+    the gradient back to ``logit_bias``, in float64 when the features or the bias are (as for τ)."""
+    if logit_bias is None:
+        return 0.0
+    if isinstance(logit_bias, torch.Tensor):
+        _check_bias_tensor(logit_bias)
+        wide = torch.float64 if torch.float64 in (logit_bias.dtype, features_dtype) else torch.float32
+        return logit_bias.reshape(()).to(wide)
+    _check_bias_number(logit_bias)
+    return float(logit_bias)
 
 
 def _zero_with_gradient(logit_bias: torch.Tensor) -> torch.Tensor:
     """0, with ∂/∂logit_bias = 0: the loss's exact dependence on a scalar bias, which softmax cancels."""
+    _check_bias_tensor(logit_bias)
+    return (logit_bias * 0).sum()
+
+
+def _check_bias_tensor(logit_bias: torch.Tensor) -> None:
     if not logit_bias.is_floating_point():
         raise TypeError(f"logit_bias must be a floating-point tensor, got {logit_bias.dtype}")
     if logit_bias.numel() != 1:
         raise ValueError(f"logit_bias must be None, a number or a one-element tensor (one bias for every logit, "
                          f"as open_clip's models hold), got shape {tuple(logit_bias.shape)}")
-    return (logit_bias * 0).sum()
 
 
 def _check_bias_number(logit_bias) -> None:
