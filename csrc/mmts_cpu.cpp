@@ -3,8 +3,11 @@
 //
 // Registered as two operators (TORCH_LIBRARY, so torch.compile sees real ops; mmts_kernels/cpp_backend adds the
 // fake kernels and the autograd formula):
-//   mmts_kernels::cpu_stats           forward statistics, 13 tensors in the order of mmts_kernels.stats.Stats
-//   mmts_kernels::cpu_stats_backward  (dx, dy) from the upstream gradients of the statistics
+//   mmts_kernels::cpu_stats           forward statistics, 16 tensors: pos, lse, hinge, cnt, hard, arg, ws, lse_c,
+//                                     hinge_c, cnt_c, hard_c, arg_c, ws_c, sig, and the sigmoid's Σ_j z σ and
+//                                     Σ_j z σ S (for ∂sig/∂b, ∂sig/∂τ; tile_kernels.h)
+//   mmts_kernels::cpu_stats_backward  (dx, dy) from the upstream gradients of the statistics; y None (y is x, NT-Xent's
+//                                     Z against itself): (dZ, an empty tensor), one N×D gradient instead of two
 //   mmts_kernels::cpu_isa             "avx2" or "portable": which build of the float kernels runs
 //
 // Layout of the work (per head h; heads run one after the other):
@@ -16,15 +19,21 @@
 //     A chunk owns its rows' statistics outright and keeps its own O(M) column accumulators; the G column
 //     accumulators are merged in chunk order at the end. G does not depend on the thread count, so the
 //     forward is bitwise identical for any number of threads.
-//   - backward, default with up to 8 threads: one task per thread, each with its own dy buffer (O(threads·M·D)),
-//     summed in task order: four GEMMs per tile pair in total, deterministic for a given thread count. With more
-//     threads the two-pass schedule below (no per-thread buffer) is used.
+//   - backward, default (not the Gram mode): four GEMMs per tile pair, deterministic for a given thread count. With
+//     at least T (threads) row and column blocks, T rounds of T tasks on disjoint row parts × column parts write
+//     dx and dy directly (no buffer); otherwise, up to 8 threads, one task per thread, each with its own dy buffer
+//     (O(threads·M·D)) summed in task order, and past 8 threads the two-pass schedule below (no buffer).
 //   - backward, deterministic=True: dx in a pass parallel over row blocks, dy in a second pass parallel over
 //     column blocks (S is recomputed once more), each block's sum in a fixed order: bitwise identical for any
 //     thread count, no O(threads·M·D) buffer.
+//   - backward, NT-Xent's Gram mode (y None, only the lse): one triangle of tiles, written straight into dZ by a
+//     round-robin schedule of disjoint row parts (backward_gram): no N×D buffer beyond dZ itself.
 //   - NT-Xent (row direction, cols=False): ``self_cols`` gives each row a column to leave out of every statistic
 //     (the anchor itself), ``decoupled`` leaves its positive out of the lse (DCL), ``dys_grad`` lets DySTreSS's
-//     gradient flow through τ(S); all three are template switches of the tile kernels, masked inside the tiles.
+//     gradient flow through τ(S). Labels (same_label "mask": same-label columns other than the target leave every
+//     statistic, rows and columns; "positive": they are positives of the sigmoid). The excluded entries and the
+//     sigmoid's positives of a tile are one byte mask built per tile (mask_tile), read by the tile kernels.
+//   - sigmoid (rows only): sig_i = Σ_j softplus(−z_ij (S_ij/τ_i + b_i)), a tile kernel of its own beside the others.
 //   - hard/arg touch one element per row: O(N·D) loops outside the tiles. The pos and −cnt·g^hinge terms too
 //     when no tile pass runs; otherwise they are added to dS_{i,t_i} in the tile (one element per row), where
 //     they cancel against p_{i,t_i}/τ_i exactly as in the reference.
@@ -113,17 +122,61 @@ struct Opts {
   bool dgrad = false;      // DySTreSS with the gradient through τ(S) (detach=False)
   bool has_self = false;   // self_cols given: row i leaves out column self_i (NT-Xent)
   bool gram = false;       // NT-Xent's S = Z Zᵀ: one triangle of tiles serves rows and columns (see gram_layout)
-  bool mask() const { return has_self || decoupled; }
+  bool sig = false;        // the sigmoid statistic (rows only)
+  bool sig_grad = false;   // and its Σ z σ, Σ z σ S for the gradients of τ and the bias
+  int64_t same_label = 0;  // kSameNone, kSameMask or kSamePositive (labels given)
+  bool mask() const { return has_self || decoupled || same_label != 0; }
 };
+
+// request.same_label: None, "mask", "positive" (the python side passes these numbers).
+constexpr int64_t kSameNone = 0, kSameMask = 1, kSamePositive = 2;
+
+// One tile's mask (tile_kernels.h: kOut, kOutLse, kPos) from the targets, the self columns and the labels (nullptr
+// when absent), built once per tile when o.mask() and read by every statistic of the tile.
+void mask_tile(uint8_t* X, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt, const int64_t* self,
+               const int64_t* lx, const int64_t* ly, const Opts& o) {
+  using base::kOut;  // the bits are the same in every build
+  using base::kOutLse;
+  using base::kPos;
+  const uint8_t on_target = kPos | (o.decoupled ? kOutLse : 0);
+  const uint8_t on_same = o.same_label == kSameMask ? kOut : o.same_label == kSamePositive ? kPos : 0;
+  for (int64_t i = 0; i < br; ++i) {
+    const int64_t r = r0 + i, tl = tgt[r] - c0, sl = self ? self[r] - c0 : -1;  // t = −1: no target column
+    uint8_t* x = X + i * bc;
+    if (on_same) {
+      const int64_t label = lx[r];
+      const int64_t* l = ly + c0;
+      for (int64_t j = 0; j < bc; ++j) x[j] = l[j] == label ? on_same : 0;
+    } else {
+      std::memset(x, 0, bc);
+    }
+    if (tl >= 0 && tl < bc) x[tl] = on_target;
+    if (sl >= 0 && sl < bc) x[sl] |= kOut;
+  }
+}
+
+// CALL(FLAG, has a tile mask) with both as template constants: how a tile kernel call turns its runtime switches into
+// template ones (Xm: the tile's mask, or nullptr).
+#define MMTS_SWITCH2(FLAG, CALL) \
+  do {                           \
+    if (FLAG) {                  \
+      if (Xm) CALL(true, true);  \
+      else CALL(true, false);    \
+    } else {                     \
+      if (Xm) CALL(false, true); \
+      else CALL(false, false);   \
+    }                            \
+  } while (0)
 
 // A contiguous [br, bc] view of a flat per-thread buffer (at::mm_out writes into it without copies).
 Tensor tile_view(const Tensor& buf, int64_t br, int64_t bc) { return buf.narrow(0, 0, br * bc).view({br, bc}); }
 
 template <typename T>
-void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg, const int64_t* tgt,
-                  const int64_t* self, const Opts& o,
+void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg, const T* bias, const int64_t* tgt,
+                  const int64_t* self, const int64_t* lx, const int64_t* ly, const Opts& o,
                   T* pos, T* lse, T* ws, T* hinge, int64_t* cnt, T* hard, int64_t* arg,
-                  T* lse_c, T* ws_c, T* hinge_c, int64_t* cnt_c, T* hard_c, int64_t* arg_c) {
+                  T* lse_c, T* ws_c, T* hinge_c, int64_t* cnt_c, T* hard_c, int64_t* arg_c,
+                  T* sig, T* sig_b, T* sig_t) {
   const int64_t N = X.size(0), M = Y.size(0), D = X.size(1);
   const T* xp = X.const_data_ptr<T>();
   const T* yp = Y.const_data_ptr<T>();
@@ -132,6 +185,10 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
 
   at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {  // pos_i = x_i · y_{t_i}
     for (int64_t i = b; i < e; ++i) {
+      if (tgt[i] < 0) {  // no positive in this y
+        pos[i] = 0;
+        continue;
+      }
       const T* a = xp + i * D;
       const T* c = yp + tgt[i] * D;
       T acc = 0;
@@ -154,6 +211,13 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
   if (o.hard) {
     std::fill(hard, hard + N, ninf);
     std::fill(arg, arg + N, int64_t(0));
+  }
+  if (o.sig) {
+    std::fill(sig, sig + N, T(0));
+    if (o.sig_grad) {
+      std::fill(sig_b, sig_b + N, T(0));
+      std::fill(sig_t, sig_t + N, T(0));
+    }
   }
 
   const int64_t nrb = cdiv(N, o.BR), ncb = cdiv(M, o.BC);
@@ -189,6 +253,7 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
     Tensor buf = at::empty({o.BR * o.BC}, opt);
     Tensor zbuf = o.dys ? at::empty({o.BR * o.BC}, opt) : Tensor();
     std::vector<T> tile_cmax(o.BC);
+    std::vector<uint8_t> mbuf(o.mask() ? o.BR * o.BC : 0);
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t rb_begin = chunk_begin(g), rb_end = chunk_begin(g + 1);
       auto col = [&](const Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() + g * M : nullptr; };
@@ -204,6 +269,11 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
           Tensor St = tile_view(buf, br, bc);
           at::mm_out(St, xb, Y.narrow(0, c0, bc).t());
           const T* S = St.const_data_ptr<T>();
+          const uint8_t* Xm = nullptr;
+          if (o.mask()) {
+            mask_tile(mbuf.data(), br, bc, r0, c0, tgt, self, lx, ly, o);
+            Xm = mbuf.data();
+          }
           // pos_i from the tile: the very S_{i,t_i} the lse saw, so that lse_i − pos_i/τ_i cancels its rounding
           // (the pre-pass dot rounds differently, an error the 1/τ would amplify). Each row is this thread's.
           // Not with a hinge, which reads the pre-pass pos while the sweep runs.
@@ -219,11 +289,10 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
             }
           if (o.lse) {
             T* Z = o.dys ? zbuf.data_ptr<T>() : nullptr;
-            const int64_t* ex2 = o.decoupled ? tgt : nullptr;
 #define MMTS_FWD_LSE(C, DY, W, MK)                                                                              \
   KCALL(T, fwd_lse, (T, C, DY, W, MK), S, bc, br, bc, r0, c0, rmaxp, rsump, ws, tau, cm, cs, cw, tile_cmax.data(), \
-        Z, tmin, half, self, ex2)
-            if (tile_cols && o.mask()) {  // Gram mode only: a symmetric mask
+        Z, tmin, half, Xm)
+            if (tile_cols && o.mask()) {  // the mask serves the columns too (tile_kernels.h: kOut)
               if (o.dys) MMTS_FWD_LSE(true, true, false, true);
               else if (o.ws) MMTS_FWD_LSE(true, false, true, true);
               else MMTS_FWD_LSE(true, false, false, true);
@@ -242,14 +311,17 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
             }
 #undef MMTS_FWD_LSE
           }
-          if (o.hinge) {
-            if (o.cols) KCALL(T, fwd_hinge, (T, true), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc, self);
-            else KCALL(T, fwd_hinge, (T, false), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc, self);
-          }
-          if (o.hard) {
-            if (o.cols) KCALL(T, fwd_hard, (T, true), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca, self);
-            else KCALL(T, fwd_hard, (T, false), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca, self);
-          }
+#define MMTS_FWD_HINGE(C, MK) \
+  KCALL(T, fwd_hinge, (T, C, MK), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc, Xm)
+#define MMTS_FWD_HARD(C, MK) KCALL(T, fwd_hard, (T, C, MK), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca, Xm)
+#define MMTS_FWD_SIG(GR, MK) \
+  KCALL(T, fwd_sig, (T, MK, GR), S, bc, br, bc, r0, c0, tgt, tau, bias, sig, sig_b, sig_t, Xm)
+          if (o.hinge) MMTS_SWITCH2(o.cols, MMTS_FWD_HINGE);
+          if (o.hard) MMTS_SWITCH2(o.cols, MMTS_FWD_HARD);
+          if (o.sig) MMTS_SWITCH2(o.sig_grad, MMTS_FWD_SIG);
+#undef MMTS_FWD_HINGE
+#undef MMTS_FWD_HARD
+#undef MMTS_FWD_SIG
         }
       }
     }
@@ -339,9 +411,11 @@ template <typename T>
 struct BwdHead {
   const T *grow = nullptr, *lse = nullptr, *tau = nullptr, *gcol = nullptr, *lse_c = nullptr;
   const T *marg = nullptr, *pos = nullptr, *gh = nullptr, *ghc = nullptr, *gpos = nullptr;
+  const T *gsig = nullptr, *bias = nullptr;  // the sigmoid's g^sig_i/τ_i and b_i
   const int64_t* tgt = nullptr;
   const int64_t* self = nullptr;  // excluded column of each row (nullptr: none)
-  bool lse_on = false, hinge_on = false;
+  const int64_t *lx = nullptr, *ly = nullptr;  // labels (same_label set)
+  bool lse_on = false, hinge_on = false, sig_on = false;
 };
 
 // ``gram_cols``: an off-diagonal tile of the Gram mode, whose column terms are row j's (h.gcol = h.grow, h.lse_c =
@@ -350,13 +424,19 @@ template <typename T>
 void dS_tile(const T* S, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, const BwdHead<T>& h, const Opts& o,
              bool gram_cols = false) {
   const T tmin = T(o.tau_min), half = T(0.5 * (o.tau_max - o.tau_min));
+  thread_local std::vector<uint8_t> mbuf;  // the tile's mask, one per thread
+  const uint8_t* Xm = nullptr;
+  if (o.mask()) {
+    if (mbuf.size() < size_t(br * bc)) mbuf.resize(br * bc);
+    mask_tile(mbuf.data(), br, bc, r0, c0, h.tgt, h.self, h.lx, h.ly, o);
+    Xm = mbuf.data();
+  }
   bool acc = false;
   if (h.lse_on) {
-    const int64_t* ex2 = o.decoupled ? h.tgt : nullptr;
 #define MMTS_BWD_LSE(C, DY, MK, DG)                                                                    \
   KCALL(T, bwd_lse, (T, C, DY, false, MK, DG), S, bc, br, bc, r0, c0, dS, h.grow, h.lse, h.tau, h.gcol, \
-        h.lse_c, tmin, half, h.self, ex2)
-    if (gram_cols && o.mask()) {  // a symmetric mask
+        h.lse_c, tmin, half, Xm)
+    if ((gram_cols || o.cols) && o.mask()) {  // the mask serves the columns too (tile_kernels.h: kOut)
       if (o.dys && o.dgrad) MMTS_BWD_LSE(true, true, true, true);
       else if (o.dys) MMTS_BWD_LSE(true, true, true, false);
       else MMTS_BWD_LSE(true, false, true, false);
@@ -376,18 +456,21 @@ void dS_tile(const T* S, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, 
 #undef MMTS_BWD_LSE
     acc = true;
   }
+#define MMTS_BWD_HINGE(C, A, MK) \
+  KCALL(T, bwd_hinge, (T, C, A, MK), S, bc, br, bc, r0, c0, dS, h.tgt, h.marg, h.pos, h.gh, h.ghc, Xm)
+#define MMTS_BWD_HINGE_COLS(A, MK) MMTS_BWD_HINGE(true, A, MK)
+#define MMTS_BWD_HINGE_ROWS(A, MK) MMTS_BWD_HINGE(false, A, MK)
+#define MMTS_BWD_SIG(A, MK) KCALL(T, bwd_sig, (T, MK, A), S, bc, br, bc, r0, c0, dS, h.tgt, h.tau, h.bias, h.gsig, Xm)
   if (h.hinge_on) {
-#define MMTS_BWD_HINGE(C, A) \
-  KCALL(T, bwd_hinge, (T, C, A), S, bc, br, bc, r0, c0, dS, h.tgt, h.marg, h.pos, h.gh, h.ghc, h.self)
-    if (o.cols) {
-      if (acc) MMTS_BWD_HINGE(true, true);
-      else MMTS_BWD_HINGE(true, false);
-    } else {
-      if (acc) MMTS_BWD_HINGE(false, true);
-      else MMTS_BWD_HINGE(false, false);
-    }
-#undef MMTS_BWD_HINGE
+    if (o.cols) MMTS_SWITCH2(acc, MMTS_BWD_HINGE_COLS);
+    else MMTS_SWITCH2(acc, MMTS_BWD_HINGE_ROWS);
+    acc = true;
   }
+  if (h.sig_on) MMTS_SWITCH2(acc, MMTS_BWD_SIG);
+#undef MMTS_BWD_HINGE
+#undef MMTS_BWD_HINGE_COLS
+#undef MMTS_BWD_HINGE_ROWS
+#undef MMTS_BWD_SIG
   // The positive's own gradient (pos_i = S_{i,t_i}, with the −cnt·g^hinge terms) joins dS before the GEMMs, as
   // in the reference: added to x·y/τ afterwards it would cancel against p/τ ≈ 1/τ and lose ~1e-5 relative.
   for (int64_t i = 0; i < br; ++i) {
@@ -417,10 +500,12 @@ void backward_tiles(const Tensor& X, const Tensor& Y, const BwdHead<T>& h, const
   auto rows = [&](int64_t rb) { return std::make_pair(rb * o.BR, std::min(o.BR, N - rb * o.BR)); };
   auto cols = [&](int64_t cb) { return std::make_pair(cb * o.BC, std::min(o.BC, M - cb * o.BC)); };
 
-  // Per-thread dy buffers cost O(threads·M·D): past kMaxDyBuffers threads (big hosts) the two-pass schedule, one
-  // more recompute of S and no buffer, keeps the extra memory O((N+M)·D) however many cores there are.
+  // deterministic=True: the two-pass schedule, bitwise for any thread count. Per-thread dy buffers (the last schedule
+  // below) cost O(threads·M·D): past kMaxDyBuffers threads the two-pass schedule, one more recompute of S and no
+  // buffer, keeps the extra memory O((N+M)·D) however many cores there are.
   constexpr int64_t kMaxDyBuffers = 8;
-  if (o.deterministic || at::get_num_threads() > kMaxDyBuffers) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (o.deterministic || (threads > kMaxDyBuffers && threads > std::min(nrb, ncb))) {
     at::parallel_for(0, nrb, 1, [&](int64_t b, int64_t e) {  // dx: row blocks in parallel
       Tensor sbuf = at::empty({o.BR * o.BC}, opt), dbuf = at::empty({o.BR * o.BC}, opt);
       for (int64_t rb = b; rb < e; ++rb) {
@@ -445,8 +530,35 @@ void backward_tiles(const Tensor& X, const Tensor& Y, const BwdHead<T>& h, const
     });
     return;
   }
-  // One pass: task k owns a contiguous range of row blocks and accumulates dy into its own buffer.
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nrb));
+  if (threads <= std::min(nrb, ncb)) {
+    // One pass without buffers: rows and columns each cut into P = T contiguous parts; in round ρ task k does the
+    // tiles of row part k × column part (k + ρ) mod P, so the T tasks of a round write disjoint rows of dx and of
+    // dy. P rounds (each ends with its parallel_for) cover every pair of parts once; every row's sum runs in an
+    // order fixed by T: reproducible for a given thread count.
+    const int64_t P = threads;
+    for (int64_t round = 0; round < P; ++round) {
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+        Tensor sbuf = at::empty({o.BR * o.BC}, opt), dbuf = at::empty({o.BR * o.BC}, opt);
+        for (int64_t k = b; k < e; ++k) {
+          const int64_t q = (k + round) % P;
+          for (int64_t rb = k * nrb / P; rb < (k + 1) * nrb / P; ++rb) {
+            auto [r0, br] = rows(rb);
+            Tensor dxb = dX.narrow(0, r0, br), xb = X.narrow(0, r0, br);
+            for (int64_t cb = q * ncb / P; cb < (q + 1) * ncb / P; ++cb) {
+              auto [c0, bc] = cols(cb);
+              Tensor dSt = tile(rb, cb, sbuf, dbuf);
+              dxb.addmm_(dSt, Y.narrow(0, c0, bc));
+              dY.narrow(0, c0, bc).addmm_(dSt.t(), xb);
+            }
+          }
+        }
+      });
+    }
+    return;
+  }
+  // Fewer row or column blocks than threads: task k owns a contiguous range of row blocks and accumulates dy into
+  // its own buffer (small here unless M is much larger than N), summed in task order.
+  const int64_t tasks = std::min(threads, nrb);
   std::vector<Tensor> dy_parts(tasks);
   dy_parts[0] = dY;
   for (int64_t k = 1; k < tasks; ++k) dy_parts[k] = at::zeros_like(dY);
@@ -469,50 +581,65 @@ void backward_tiles(const Tensor& X, const Tensor& Y, const BwdHead<T>& h, const
 }
 
 // Gram mode (x = y = Z): E = dS + dSᵀ over the lower triangle of tiles, dZ[rb] += E·Z[cb] and dZ[cb] += Eᵀ·Z[rb]:
-// half the tiles and GEMMs of the full sweep. Task k owns a contiguous range of row blocks of about equal triangle
-// area and writes their dZ rows into dX; its transposed products go to a buffer of its own: dX for task 0 (they all
-// land on its own rows), dY for task 1 (the caller's x and y are one tensor, so autograd adds dx + dy), a fresh
-// one from task 2 on, summed into dY in task order: deterministic for a given thread count, as backward_tiles.
+// half the tiles and GEMMs of the full sweep, written straight into dZ (no other N×D buffer). The row blocks are cut
+// into P contiguous parts (P = 2T for T threads, even, at most one part per block). A round-robin tournament over
+// the parts (circle method: part P−1 stays, the others rotate) gives P − 1 rounds of P/2 disjoint matches; match
+// (p, q), p > q, does the rectangle rb ∈ p, cb ∈ q, which writes only the rows of p and q, so a round's matches run
+// in parallel without any per-task buffer. A last round does each part's own triangle (cb ≤ rb inside the part).
+// A round ends with its parallel_for. Every row's sum runs in an order fixed by T: reproducible for a given
+// thread count, as backward_tiles' default schedule.
 template <typename T>
-void backward_gram(const Tensor& X, const BwdHead<T>& h, const Opts& o, Tensor& dX, Tensor& dY) {
+void backward_gram(const Tensor& X, const BwdHead<T>& h, const Opts& o, Tensor& dX) {
   const int64_t N = X.size(0), nb = cdiv(N, o.BR);
   const auto opt = X.options();
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb));
-  auto begin = [&](int64_t k) -> int64_t {
-    if (k >= tasks) return nb;
-    return std::min<int64_t>(nb, std::llround(double(nb) * std::sqrt(double(k) / double(tasks))));
-  };
-  std::vector<Tensor> parts(tasks);
-  for (int64_t k = 0; k < tasks; ++k) parts[k] = k == 0 ? dX : k == 1 ? dY : at::zeros_like(dX);
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    Tensor sbuf = at::empty({o.BR * o.BC}, opt), dbuf = at::empty({o.BR * o.BC}, opt);
-    for (int64_t k = b; k < e; ++k) {
-      for (int64_t rb = begin(k); rb < begin(k + 1); ++rb) {
-        const int64_t r0 = rb * o.BR, br = std::min(o.BR, N - r0);
-        const Tensor zr = X.narrow(0, r0, br);
-        Tensor dzr = dX.narrow(0, r0, br);
-        for (int64_t cb = 0; cb <= rb; ++cb) {
-          const int64_t c0 = cb * o.BC, bc = std::min(o.BC, N - c0);
-          const Tensor zc = X.narrow(0, c0, bc);
-          Tensor St = tile_view(sbuf, br, bc), E = tile_view(dbuf, br, bc);
-          at::mm_out(St, zr, zc.t());
-          dS_tile<T>(St.const_data_ptr<T>(), br, bc, r0, c0, E.data_ptr<T>(), h, o, cb < rb);
-          dzr.addmm_(E, zc);
-          if (cb < rb) parts[k].narrow(0, c0, bc).addmm_(E.t(), zr);
-          else dzr.addmm_(E.t(), zr);  // the diagonal tile holds both triangles: dSᵀ lands on its own rows
-        }
+  int64_t P = std::min<int64_t>(2 * std::max<int64_t>(1, at::get_num_threads()), nb);
+  if (P > 1 && P % 2 == 1) --P;
+  auto part = [&](int64_t p) { return p * nb / P; };  // first row block of part p
+  // Tiles rb ∈ [rb0, rb1) × cb ∈ [cb0, cb1), only cb ≤ rb (the rectangle of a match lies below the diagonal).
+  auto sweep = [&](int64_t rb0, int64_t rb1, int64_t cb0, int64_t cb1, const Tensor& sbuf, const Tensor& dbuf) {
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+      const int64_t r0 = rb * o.BR, br = std::min(o.BR, N - r0);
+      const Tensor zr = X.narrow(0, r0, br);
+      Tensor dzr = dX.narrow(0, r0, br);
+      for (int64_t cb = cb0; cb < std::min(cb1, rb + 1); ++cb) {
+        const int64_t c0 = cb * o.BC, bc = std::min(o.BC, N - c0);
+        const Tensor zc = X.narrow(0, c0, bc);
+        Tensor St = tile_view(sbuf, br, bc), E = tile_view(dbuf, br, bc);
+        at::mm_out(St, zr, zc.t());
+        dS_tile<T>(St.const_data_ptr<T>(), br, bc, r0, c0, E.data_ptr<T>(), h, o, cb < rb);
+        dzr.addmm_(E, zc);
+        if (cb < rb) dX.narrow(0, c0, bc).addmm_(E.t(), zr);
+        else dzr.addmm_(E.t(), zr);  // the diagonal tile holds both triangles: dSᵀ lands on its own rows
       }
     }
+  };
+  for (int64_t round = 0; round < P - 1; ++round) {
+    at::parallel_for(0, P / 2, 1, [&](int64_t b, int64_t e) {
+      Tensor sbuf = at::empty({o.BR * o.BC}, opt), dbuf = at::empty({o.BR * o.BC}, opt);
+      for (int64_t k = b; k < e; ++k) {
+        int64_t p = P - 1, q = round;
+        if (k > 0) {
+          p = (round + k) % (P - 1);
+          q = (round - k + P - 1) % (P - 1);
+        }
+        if (p < q) std::swap(p, q);
+        sweep(part(p), part(p + 1), part(q), part(q + 1), sbuf, dbuf);
+      }
+    });
+  }
+  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+    Tensor sbuf = at::empty({o.BR * o.BC}, opt), dbuf = at::empty({o.BR * o.BC}, opt);
+    for (int64_t p = b; p < e; ++p) sweep(part(p), part(p + 1), part(p), part(p + 1), sbuf, dbuf);
   });
-  for (int64_t k = 2; k < tasks; ++k) dY.add_(parts[k]);  // fixed order
 }
 
-// dx_i += g_i · y_{c_i}, dy_{c_i} += g_i · x_i for one gathered element per row (serial: duplicates in c).
+// dx_i += g_i · y_{c_i}, dy_{c_i} += g_i · x_i for one gathered element per row (serial: duplicates in c; c_i < 0:
+// none).
 template <typename T>
 void add_gathered(const T* xp, const T* yp, T* dx, T* dy, int64_t N, int64_t D, const T* g, const int64_t* c) {
   for (int64_t i = 0; i < N; ++i) {
     const T gi = g[i];
-    if (gi == T(0)) continue;
+    if (gi == T(0) || c[i] < 0) continue;  // c = −1: a row without a positive in this y
     const T* xi = xp + i * D;
     const T* yc = yp + c[i] * D;
     T* dxi = dx + i * D;
@@ -541,20 +668,22 @@ void check_inputs(const Tensor& x, const Tensor& y, const Tensor& targets) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(1), "mmts_kernels cpp: targets must be [N]");
 }
 
-// NT-Xent's layout — x and y the same tensor, self_cols[i] = i, targets an involution without fixed points — with
-// only the lse, and square tiles: S and the excluded set are symmetric, so one triangle of tiles serves the rows
-// and (transposed) the columns. Checked in O(N) on the values.
-bool gram_layout(const Tensor& x, const Tensor& y, const Tensor& self, const Tensor& tgt, const Opts& o) {
-  if (!self.defined() || o.cols || o.hinge || o.hard || !o.lse || o.BR != o.BC) return false;
-  if (x.data_ptr() != y.data_ptr() || x.sizes() != y.sizes() || x.strides() != y.strides() ||
-      x.scalar_type() != y.scalar_type())
-    return false;
+// y absent (None): y is x, NT-Xent's Z against itself.
+bool absent(const std::optional<Tensor>& t) { return !t.has_value() || !t->defined(); }
+
+// NT-Xent's layout — y absent (y is x: one gradient, dZ), self_cols[i] = i, targets an involution without fixed
+// points, the same labels for rows and columns if any — with only the lse, and square tiles: S and the excluded set
+// are symmetric, so one triangle of tiles serves the rows and (transposed) the columns. Checked in O(N) on the
+// values.
+bool gram_layout(bool y_is_x, const Tensor& x, const Tensor& self, const Tensor& tgt, const Tensor& lx,
+                 const Tensor& ly, const Opts& o) {
+  if (!y_is_x || !self.defined() || o.cols || o.hinge || o.hard || o.sig || !o.lse || o.BR != o.BC) return false;
   const int64_t N = x.size(1);
   const int64_t* s = self.const_data_ptr<int64_t>();
   const int64_t* t = tgt.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i)
     if (s[i] != i || t[i] < 0 || t[i] >= N || t[i] == i || t[t[i]] != i) return false;
-  return true;
+  return !lx.defined() || at::equal(lx, ly);
 }
 
 // The excluded columns as a contiguous int64 [N] tensor (undefined when absent); with ``decoupled`` and the self
@@ -567,14 +696,32 @@ Tensor row_exclusions(const std::optional<Tensor>& self_cols, bool decoupled, bo
   return self_cols->to(at::kLong).contiguous();
 }
 
-using StatsTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                              Tensor, Tensor, Tensor>;
+// The labels of the rows and of the columns as contiguous int64 tensors (undefined unless same_label is set).
+std::pair<Tensor, Tensor> label_pair(const std::optional<Tensor>& lx, const std::optional<Tensor>& ly,
+                                     int64_t same_label, int64_t N, int64_t M) {
+  TORCH_CHECK(same_label == kSameNone || same_label == kSameMask || same_label == kSamePositive,
+              "mmts_kernels cpp: same_label must be 0 (none), 1 (mask) or 2 (positive)");
+  if (same_label == kSameNone) return {Tensor(), Tensor()};
+  TORCH_CHECK(!absent(lx) && !absent(ly), "mmts_kernels cpp: same_label needs labels_x and labels_y");
+  TORCH_CHECK(lx->dim() == 1 && lx->size(0) == N && ly->dim() == 1 && ly->size(0) == M,
+              "mmts_kernels cpp: labels_x must be [N] and labels_y [M]");
+  return {lx->to(at::kLong).contiguous(), ly->to(at::kLong).contiguous()};
+}
 
-StatsTuple cpu_stats(const Tensor& x, const Tensor& y, const std::optional<Tensor>& tau,
+const int64_t* long_ptr(const Tensor& t) { return t.defined() ? t.const_data_ptr<int64_t>() : nullptr; }
+
+using StatsTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+StatsTuple cpu_stats(const Tensor& x, const std::optional<Tensor>& y_opt, const std::optional<Tensor>& tau,
                      const std::optional<Tensor>& margin, const Tensor& targets, bool lse, bool hinge, bool hard,
                      bool ws, bool cols, bool dystress, double tau_min, double tau_max, bool deterministic,
                      int64_t block_rows, int64_t block_cols, const std::optional<Tensor>& self_cols,
-                     bool decoupled, bool dys_grad) {
+                     bool decoupled, bool dys_grad, const std::optional<Tensor>& bias,
+                     const std::optional<Tensor>& labels_x, const std::optional<Tensor>& labels_y, bool sigmoid,
+                     int64_t same_label, bool sig_grad) {
+  const bool y_is_x = absent(y_opt);
+  const Tensor& y = y_is_x ? x : *y_opt;
   check_inputs(x, y, targets);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ATen calls are implementation, not graph
   Opts o = make_opts(lse, hinge, hard, ws && lse && !dystress, cols, dystress && lse, tau_min, tau_max,
@@ -583,12 +730,19 @@ StatsTuple cpu_stats(const Tensor& x, const Tensor& y, const std::optional<Tenso
   o.has_self = self.defined();
   o.decoupled = decoupled && lse;
   o.dgrad = dys_grad && o.dys;  // the forward is the same; kept for symmetry with the backward
-  o.gram = gram_layout(x, y, self, targets.to(at::kLong).contiguous(), o);
-  TORCH_CHECK(!o.lse || o.dys || (tau.has_value() && tau->defined()), "mmts_kernels cpp: tau is required");
-  TORCH_CHECK(!o.hinge || (margin.has_value() && margin->defined()), "mmts_kernels cpp: margin is required");
+  o.sig = sigmoid;
+  o.sig_grad = sigmoid && sig_grad;
+  o.same_label = same_label;
+  Tensor lx, ly;  // not a structured binding: the dispatch lambda below captures them (C++17)
+  std::tie(lx, ly) = label_pair(labels_x, labels_y, same_label, x.size(1), y.size(1));
+  o.gram = gram_layout(y_is_x, x, self, targets.to(at::kLong).contiguous(), lx, ly, o);
+  TORCH_CHECK(!o.lse || o.dys || !absent(tau), "mmts_kernels cpp: tau is required");
+  TORCH_CHECK(!o.hinge || !absent(margin), "mmts_kernels cpp: margin is required");
+  TORCH_CHECK(!o.sig || (!absent(tau) && !absent(bias) && !o.dys && !o.cols),
+              "mmts_kernels cpp: the sigmoid statistic needs tau and bias, and no dystress or cols");
   TORCH_CHECK(!o.cols || x.size(1) == y.size(1), "mmts_kernels cpp: column statistics need N == M");
   const auto ct = compute_type(x);
-  const Tensor X = x.to(ct).contiguous(), Y = x.is_same(y) ? X : y.to(ct).contiguous();  // one copy when x is y
+  const Tensor X = x.to(ct).contiguous(), Y = y_is_x || x.is_same(y) ? X : y.to(ct).contiguous();  // one copy
   const Tensor tgt = targets.to(at::kLong).contiguous();
   const int64_t H = X.size(0), N = X.size(1);
   const auto fopt = X.options(), iopt = X.options().dtype(at::kLong);
@@ -599,8 +753,10 @@ StatsTuple cpu_stats(const Tensor& x, const Tensor& y, const std::optional<Tenso
   Tensor lse_c = maybe(o.lse && o.cols, fopt), ws_c = maybe(o.ws && o.cols, fopt),
          hinge_c = maybe(o.hinge && o.cols, fopt), cnt_c = maybe(o.hinge && o.cols, iopt),
          hard_c = maybe(o.hard && o.cols, fopt), arg_c = maybe(o.hard && o.cols, iopt);
-  Tensor taus = (o.lse && !o.dys) ? tau->to(ct).expand({H, N}).contiguous() : Tensor();
+  Tensor sig = maybe(o.sig, fopt), sig_b = maybe(o.sig_grad, fopt), sig_t = maybe(o.sig_grad, fopt);
+  Tensor taus = ((o.lse && !o.dys) || o.sig) ? tau->to(ct).expand({H, N}).contiguous() : Tensor();
   Tensor marg = o.hinge ? margin->to(ct).expand({H, N}).contiguous() : Tensor();
+  Tensor biases = o.sig ? bias->to(ct).expand({H, N}).contiguous() : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(ct, "mmts_cpu_stats", [&] {
     using T = scalar_t;
@@ -609,28 +765,34 @@ StatsTuple cpu_stats(const Tensor& x, const Tensor& y, const std::optional<Tenso
       return t.numel() ? t.data_ptr<int64_t>() + h * N : nullptr;
     };
     for (int64_t h = 0; h < H; ++h) {
-      forward_head<T>(X[h], Y[h], taus.defined() ? taus.const_data_ptr<T>() + h * N : nullptr,
-                      marg.defined() ? marg.const_data_ptr<T>() + h * N : nullptr, tgt.const_data_ptr<int64_t>(),
-                      self.defined() ? self.const_data_ptr<int64_t>() : nullptr, o, row(pos, h), row(lse_t, h),
+      auto crow = [&](const Tensor& t) -> const T* { return t.defined() ? t.const_data_ptr<T>() + h * N : nullptr; };
+      forward_head<T>(X[h], Y[h], crow(taus), crow(marg), crow(biases), tgt.const_data_ptr<int64_t>(),
+                      long_ptr(self), long_ptr(lx), long_ptr(ly), o, row(pos, h), row(lse_t, h),
                       row(ws_t, h), row(hinge_t, h), irow(cnt_t, h), row(hard_t, h), irow(arg_t, h), row(lse_c, h),
-                      row(ws_c, h), row(hinge_c, h), irow(cnt_c, h), row(hard_c, h), irow(arg_c, h));
+                      row(ws_c, h), row(hinge_c, h), irow(cnt_c, h), row(hard_c, h), irow(arg_c, h), row(sig, h),
+                      row(sig_b, h), row(sig_t, h));
     }
   });
-  return {pos, lse_t, hinge_t, cnt_t, hard_t, arg_t, ws_t, lse_c, hinge_c, cnt_c, hard_c, arg_c, ws_c};
+  return {pos, lse_t, hinge_t, cnt_t, hard_t, arg_t, ws_t, lse_c, hinge_c, cnt_c, hard_c, arg_c, ws_c, sig, sig_b,
+          sig_t};
 }
 
 // Upstream gradients arrive as undefined or empty tensors for statistics that were not used.
 bool present(const std::optional<Tensor>& g) { return g.has_value() && g->defined() && g->numel() > 0; }
 
+// (dx, dy); y absent (y is x): (dZ, an empty tensor), dZ = dx + dy.
 std::tuple<Tensor, Tensor> cpu_stats_backward(
-    const Tensor& x, const Tensor& y, const std::optional<Tensor>& tau, const std::optional<Tensor>& margin,
-    const Tensor& targets, const Tensor& pos, const Tensor& lse, const Tensor& lse_c, const Tensor& cnt,
-    const Tensor& cnt_c, const Tensor& arg, const Tensor& arg_c, const std::optional<Tensor>& g_pos,
-    const std::optional<Tensor>& g_lse, const std::optional<Tensor>& g_hinge, const std::optional<Tensor>& g_hard,
-    const std::optional<Tensor>& g_lse_c, const std::optional<Tensor>& g_hinge_c,
+    const Tensor& x, const std::optional<Tensor>& y_opt, const std::optional<Tensor>& tau,
+    const std::optional<Tensor>& margin, const Tensor& targets, const Tensor& pos, const Tensor& lse,
+    const Tensor& lse_c, const Tensor& cnt, const Tensor& cnt_c, const Tensor& arg, const Tensor& arg_c,
+    const std::optional<Tensor>& g_pos, const std::optional<Tensor>& g_lse, const std::optional<Tensor>& g_hinge,
+    const std::optional<Tensor>& g_hard, const std::optional<Tensor>& g_lse_c, const std::optional<Tensor>& g_hinge_c,
     const std::optional<Tensor>& g_hard_c, bool cols, bool dystress, double tau_min, double tau_max,
     bool deterministic, int64_t block_rows, int64_t block_cols, const std::optional<Tensor>& self_cols,
-    bool decoupled, bool dys_grad) {
+    bool decoupled, bool dys_grad, const std::optional<Tensor>& g_sig, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& labels_x, const std::optional<Tensor>& labels_y, int64_t same_label) {
+  const bool y_is_x = absent(y_opt);
+  const Tensor& y = y_is_x ? x : *y_opt;
   check_inputs(x, y, targets);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ATen calls are implementation, not graph
   const bool lse_on = present(g_lse) || (cols && present(g_lse_c));
@@ -641,30 +803,37 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
   o.has_self = self.defined();
   o.decoupled = decoupled && lse_on;
   o.dgrad = dys_grad && dystress;
-  // The Gram backward uses the default schedule's per-task buffers: not under deterministic=True (bitwise for any
-  // thread count) nor past 8 threads, where backward_tiles' two-pass schedule runs instead.
-  o.gram = !deterministic && at::get_num_threads() <= 8 &&
-           gram_layout(x, y, self, targets.to(at::kLong).contiguous(), o);
+  o.sig = present(g_sig);
+  o.same_label = same_label;
+  Tensor lx, ly;  // not a structured binding: the dispatch lambda below captures them (C++17)
+  std::tie(lx, ly) = label_pair(labels_x, labels_y, same_label, x.size(1), y.size(1));
+  TORCH_CHECK(!o.sig || (!absent(tau) && !absent(bias)), "mmts_kernels cpp: the sigmoid needs tau and bias");
+  // The Gram backward's schedule depends on the thread count: not under deterministic=True (bitwise for any).
+  o.gram = !deterministic && gram_layout(y_is_x, x, self, targets.to(at::kLong).contiguous(), lx, ly, o);
   const auto ct = compute_type(x);
-  const Tensor X = x.to(ct).contiguous(), Y = x.is_same(y) ? X : y.to(ct).contiguous();  // one copy when x is y
+  const Tensor X = x.to(ct).contiguous(), Y = y_is_x || x.is_same(y) ? X : y.to(ct).contiguous();  // one copy
   const Tensor tgt = targets.to(at::kLong).contiguous();
   const int64_t H = X.size(0), N = X.size(1), D = X.size(2);
-  Tensor dX = at::zeros_like(X), dY = at::zeros_like(Y);
+  Tensor dX = at::zeros_like(X), dY = o.gram ? Tensor() : at::zeros_like(Y);  // Gram mode: all of dZ in dX
   auto hn = [&](const std::optional<Tensor>& g) {  // an [H, N] compute-type contiguous gradient, zeros if absent
     return present(g) ? g->to(ct).expand({H, N}).contiguous() : at::zeros({H, N}, X.options());
   };
   Tensor gpos = hn(g_pos).clone();
-  Tensor grow, gcol, taus, gh, ghc, marg;
+  Tensor grow, gcol, taus, gh, ghc, marg, gsig, biases;
+  if (o.lse || o.sig) {
+    TORCH_CHECK(o.dys || !absent(tau), "mmts_kernels cpp: tau is required");
+    taus = o.dys ? at::ones({H, N}, X.options()) : tau->to(ct).expand({H, N}).contiguous();  // DySTreSS: unused
+  }
+  if (o.sig) {
+    gsig = hn(g_sig) / taus;  // ∂sig_i/∂S_ij = −z σ(v)/τ_i: 1/τ_i folded in
+    biases = bias->to(ct).expand({H, N}).contiguous();
+  }
   if (o.lse) {
     grow = hn(g_lse);
     gcol = hn(g_lse_c);
     if (!o.dys) {
-      TORCH_CHECK(tau.has_value() && tau->defined(), "mmts_kernels cpp: tau is required");
-      taus = tau->to(ct).expand({H, N}).contiguous();
       grow = grow / taus;  // fold 1/τ_i (rows) and 1/τ_j (columns) into the upstream gradients
       gcol = gcol / taus;
-    } else {
-      taus = at::ones({H, N}, X.options());  // unused by the DySTreSS kernels
     }
   }
   if (o.hinge) {
@@ -689,11 +858,16 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
       return t.defined() ? t.const_data_ptr<T>() + h * N : nullptr;
     };
     for (int64_t h = 0; h < H; ++h) {
-      Tensor Xh = X[h], Yh = Y[h], dXh = dX[h], dYh = dY[h];
-      if (o.lse || o.hinge) {
+      Tensor Xh = X[h], Yh = Y[h], dXh = dX[h], dYh = o.gram ? dXh : dY[h];
+      if (o.lse || o.hinge || o.sig) {
         BwdHead<T> bh;
         bh.lse_on = o.lse;
         bh.hinge_on = o.hinge;
+        bh.sig_on = o.sig;
+        bh.gsig = at_h(gsig, h);
+        bh.bias = at_h(biases, h);
+        bh.lx = long_ptr(lx);
+        bh.ly = long_ptr(ly);
         bh.grow = at_h(grow, h);
         bh.gcol = at_h(gcol, h);
         bh.tau = at_h(taus, h);
@@ -709,7 +883,7 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
         if (o.gram) {  // row j's terms of the transposed tiles: its own row gradient and lse
           bh.gcol = bh.grow;
           bh.lse_c = bh.lse;
-          backward_gram<T>(Xh, bh, o, dXh, dYh);
+          backward_gram<T>(Xh, bh, o, dXh);
         } else {
           backward_tiles<T>(Xh, Yh, bh, o, dXh, dYh);
         }
@@ -718,7 +892,7 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
       const T* yp = Yh.const_data_ptr<T>();
       T* dxp = dXh.data_ptr<T>();
       T* dyp = dYh.data_ptr<T>();
-      if (!(o.lse || o.hinge))  // otherwise folded into the tiles (dS_tile)
+      if (!(o.lse || o.hinge || o.sig))  // otherwise folded into the tiles (dS_tile)
         add_gathered<T>(xp, yp, dxp, dyp, N, D, at_h(gpos, h), tgt.const_data_ptr<int64_t>());
       if (ghard.defined())
         add_gathered<T>(xp, yp, dxp, dyp, N, D, at_h(ghard, h), argl.const_data_ptr<int64_t>() + h * N);
@@ -726,23 +900,28 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
         add_gathered<T>(yp, xp, dyp, dxp, N, D, at_h(ghard_c, h), argcl.const_data_ptr<int64_t>() + h * N);
     }
   });
-  return {dX.to(x.scalar_type()), dY.to(y.scalar_type())};
+  if (!y_is_x) return {dX.to(x.scalar_type()), dY.to(y.scalar_type())};
+  if (dY.defined()) dX.add_(dY);
+  return {dX.to(x.scalar_type()), at::empty({0}, x.options())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(mmts_kernels, m) {
   m.def(
-      "cpu_stats(Tensor x, Tensor y, Tensor? tau, Tensor? margin, Tensor targets, bool lse, bool hinge, "
+      "cpu_stats(Tensor x, Tensor? y, Tensor? tau, Tensor? margin, Tensor targets, bool lse, bool hinge, "
       "bool hard, bool ws, bool cols, bool dystress, float tau_min, float tau_max, bool deterministic, "
-      "int block_rows, int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int block_rows, int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False, "
+      "Tensor? bias=None, Tensor? labels_x=None, Tensor? labels_y=None, bool sigmoid=False, int same_label=0, "
+      "bool sig_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cpu_stats_backward(Tensor x, Tensor y, Tensor? tau, Tensor? margin, Tensor targets, Tensor pos, "
+      "cpu_stats_backward(Tensor x, Tensor? y, Tensor? tau, Tensor? margin, Tensor targets, Tensor pos, "
       "Tensor lse, Tensor lse_c, Tensor cnt, Tensor cnt_c, Tensor arg, Tensor arg_c, Tensor? g_pos, "
       "Tensor? g_lse, Tensor? g_hinge, Tensor? g_hard, Tensor? g_lse_c, Tensor? g_hinge_c, Tensor? g_hard_c, "
       "bool cols, bool dystress, float tau_min, float tau_max, bool deterministic, int block_rows, "
-      "int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False) -> (Tensor, Tensor)");
+      "int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False, Tensor? g_sig=None, "
+      "Tensor? bias=None, Tensor? labels_x=None, Tensor? labels_y=None, int same_label=0) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa);  // no tensor argument: one kernel for every dispatch key
 }
 

@@ -20,14 +20,25 @@
 // reference's (a reciprocal multiply adds an ulp of z, 1e-5 relative in p_ij once |z| ~ 100).
 // DySTreSS with the gradient through τ(S) (DGRAD, detach=False): ∂(S/τ(S))/∂S = (τ − S·τ'(S))/τ² replaces 1/τ_ij.
 //
-// Excluded columns (MASK, NT-Xent): row i leaves out column self_i (the anchor itself) and, when decoupled, its
-// positive t_i: every sum and max of the lse runs over j ∉ {self_i, t_i} and dS_ij = 0 there. With COLS too (the
-// Gram mode of mmts_cpu.cpp: x = y, self_i = i, t an involution) the excluded set is symmetric, so the same mask
-// serves the column direction, which there is row j's view of the transposed tile.
-// The hinge and hardest negative take self_i (nullptr: none) as a second non-negative column beside t_i.
+// Sigmoid (SigLIP), rows only: u_ij = S_ij/τ_i + b_i, v_ij = −z_ij u_ij (z = +1 on the positives, −1 elsewhere)
+//   forward:  sig_i += Σ_j softplus(v_ij);  with GRADS also sb_i += Σ_j z_ij σ(v_ij), st_i += Σ_j z_ij σ(v_ij) S_ij
+//             (∂sig_i/∂b_i = −sb_i, ∂sig_i/∂τ_i = st_i/τ_i², applied outside)
+//   backward: dS_ij += g_i · (−z_ij σ(v_ij)), the caller folding 1/τ_i into g_i
+//   softplus(v) = max(v, 0) + log1p(e^{−|v|}), σ(v) = (v ≥ 0 ? 1 : e^{−|v|}) / (1 + e^{−|v|}): one exp for both.
+//
+// Excluded entries (MASK): a byte per tile entry, X[i * bc + j], built by the caller (mmts_cpu.cpp, mask_tile):
+//   kOut     out of every statistic of row i and of column j (self_cols[i]; under same_label="mask" every
+//            same-label column other than t_i — that set is the same matrix seen from row i and from column j)
+//   kOutLse  out of row i's lse only (decoupled: the positive t_i)
+//   kPos     z_ij = +1 in the sigmoid (t_i; under same_label="positive" every same-label column too)
+// Excluded entries get no probability mass, no hinge, no hardest negative, no softplus, and dS_ij = 0. kOutLse lies
+// only in row-only sweeps or in the Gram mode (x = y, self_i = i, t an involution), where the excluded set is
+// symmetric: there the same mask serves the column direction, which is row j's view of the transposed tile.
 
 namespace mmts_cpu {
 namespace MMTS_KNS {
+
+constexpr uint8_t kOut = 1, kOutLse = 2, kPos = 4;  // the bits of a tile mask (see above)
 
 // Built with -ffp-contract=off: z = S/τ must round the same way in every pass (forward max, forward sum,
 // backward), or exp(z − lse) drifts by an ulp of z (1e-4 relative at τ = 1e-3). MMTS_FMA (a·b + c, fused where
@@ -70,8 +81,21 @@ inline T dystress_slope(T s, T t, T half_range) {
 template <typename T>
 inline T vmax(T a, T b) { return b > a ? b : a; }
 
-// Local column of row r's excluded entry in the tile starting at c0; −1 (never a column) when there is none.
-inline int64_t excluded(const int64_t* cols, int64_t r, int64_t c0) { return cols ? cols[r] - c0 : -1; }
+// log1p(e) for e ∈ [0, 1]: float by log(1 + e) = 2 atanh(s) = 2(s + s³/3 + s⁵/5 + …), s = e/(2 + e) ≤ 1/3, eight
+// terms (the ninth is below 2e-9 relative), which vectorizes; double (the precision path) uses std::log1p.
+inline float flog1p01(float e) {
+  const float s = e / (2.0f + e), s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = MMTS_FMA(p, s2, 1.0f / 13.0f);
+  p = MMTS_FMA(p, s2, 1.0f / 11.0f);
+  p = MMTS_FMA(p, s2, 1.0f / 9.0f);
+  p = MMTS_FMA(p, s2, 1.0f / 7.0f);
+  p = MMTS_FMA(p, s2, 1.0f / 5.0f);
+  p = MMTS_FMA(p, s2, 1.0f / 3.0f);
+  p = MMTS_FMA(p, s2, 1.0f);
+  return 2.0f * s * p;
+}
+inline double flog1p01(double e) { return std::log1p(e); }
 
 // Rescale a running (max, sum, weighted sum) to a new max; exp(−inf − (−inf)) must not give NaN.
 template <typename T>
@@ -89,21 +113,21 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
              T* rmax, T* rsum, T* rws, const T* tau,                 // rows (τ; unused with DYS)
              T* cmax, T* csum, T* cws,                               // columns (this chunk's accumulators)
              T* tile_cmax, T* Z, T tau_min, T half_range,
-             const int64_t* ex1, const int64_t* ex2) {               // MASK: excluded columns of each row
+             const uint8_t* X) {                                     // MASK: the tile's mask
   const T ninf = -std::numeric_limits<T>::infinity();
   if (COLS)
     for (int64_t j = 0; j < bc; ++j) tile_cmax[j] = ninf;
   const T* tc = tau + c0;
   for (int64_t i = 0; i < br; ++i) {  // pass A: maxima
     const T* s = S + i * ld;
-    const int64_t e1 = MASK ? excluded(ex1, r0 + i, c0) : -1, e2 = MASK ? excluded(ex2, r0 + i, c0) : -1;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
     T zm = ninf;
     if (DYS) {
       T* z = Z + i * bc;
       for (int64_t j = 0; j < bc; ++j) z[j] = s[j] / dystress_tau(s[j], tau_min, half_range);
 #pragma omp simd reduction(max : zm)
       for (int64_t j = 0; j < bc; ++j) {
-        const bool out = MASK && (j == e1 || j == e2);
+        const bool out = MASK && (x[j] & (kOut | kOutLse));
         zm = vmax(zm, out ? ninf : z[j]);
         if (COLS) tile_cmax[j] = vmax(tile_cmax[j], out ? ninf : z[j]);
       }
@@ -111,7 +135,7 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
       const T t = tau[r0 + i];
 #pragma omp simd reduction(max : zm)
       for (int64_t j = 0; j < bc; ++j) {
-        const bool out = MASK && (j == e1 || j == e2);
+        const bool out = MASK && (x[j] & (kOut | kOutLse));
         zm = vmax(zm, out ? ninf : s[j] / t);
         if (COLS) tile_cmax[j] = vmax(tile_cmax[j], out ? ninf : s[j] / tc[j]);
       }
@@ -128,19 +152,19 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
     const T* s = S + i * ld;
     const T m = rmax[r0 + i];
     // an excluded entry's e is 0 exactly (the float fexp clamps, so e^{−inf} would not be)
-    const int64_t e1 = MASK ? excluded(ex1, r0 + i, c0) : -1, e2 = MASK ? excluded(ex2, r0 + i, c0) : -1;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
     T l = 0, w = 0;
     if (DYS) {
       const T* z = Z + i * bc;
 #pragma omp simd reduction(+ : l, w)
       for (int64_t j = 0; j < bc; ++j) {
         T e = fexp(z[j] - m);
-        if (MASK) e = (j == e1 || j == e2) ? T(0) : e;
+        if (MASK) e = (x[j] & (kOut | kOutLse)) ? T(0) : e;
         l += e;
         if (WS) w += e * s[j];
         if (COLS) {
           T ec = fexp(z[j] - cm[j]);
-          if (MASK) ec = (j == e1 || j == e2) ? T(0) : ec;
+          if (MASK) ec = (x[j] & (kOut | kOutLse)) ? T(0) : ec;
           cs[j] += ec;
           if (WS) cw[j] += ec * s[j];
         }
@@ -150,12 +174,12 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
 #pragma omp simd reduction(+ : l, w)
       for (int64_t j = 0; j < bc; ++j) {
         T e = fexp(s[j] / t - m);
-        if (MASK) e = (j == e1 || j == e2) ? T(0) : e;
+        if (MASK) e = (x[j] & (kOut | kOutLse)) ? T(0) : e;
         l += e;
         if (WS) w += e * s[j];
         if (COLS) {
           T ec = fexp(s[j] / tc[j] - cm[j]);
-          if (MASK) ec = (j == e1 || j == e2) ? T(0) : ec;
+          if (MASK) ec = (x[j] & (kOut | kOutLse)) ? T(0) : ec;
           cs[j] += ec;
           if (WS) cw[j] += ec * s[j];
         }
@@ -166,31 +190,34 @@ void fwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
   }
 }
 
-template <typename T, bool COLS>
+template <typename T, bool COLS, bool MASK>
 void fwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
                const T* marg, const T* pos, T* rhinge, int64_t* rcnt, T* chinge, int32_t* ccnt,
-               const int64_t* self) {
+               const uint8_t* X) {
   const T* cmarg = marg + c0;
   const T* cpos = pos + c0;
   T* ch = chinge + c0;
   int32_t* cc = ccnt + c0;
   for (int64_t i = 0; i < br; ++i) {
     const T* s = S + i * ld;
-    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0, sl = excluded(self, r, c0);
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
     const T base = marg[r] - pos[r];
     T h = 0;
     int32_t n = 0;
 #pragma omp simd reduction(+ : h, n)
     for (int64_t j = 0; j < bc; ++j) {
       T v = base + s[j];
-      const bool negative = (j != tl) & (j != sl);
+      const bool kept = !(MASK && (x[j] & kOut));
+      const bool negative = (j != tl) & kept;
       bool a = (v > T(0)) & negative;
       h += (!(v <= T(0)) & negative) ? v : T(0);  // NaN propagates into the sum (relu(NaN) = NaN)
       n += a ? 1 : 0;
       if (COLS) {
         T vc = cmarg[j] + s[j] - cpos[j];
-        bool ac = (vc > T(0)) & (j != diag);
-        ch[j] += (!(vc <= T(0)) & (j != diag)) ? vc : T(0);
+        const bool cneg = (j != diag) & kept;
+        bool ac = (vc > T(0)) & cneg;
+        ch[j] += (!(vc <= T(0)) & cneg) ? vc : T(0);
         cc[j] += ac ? 1 : 0;
       }
     }
@@ -199,33 +226,34 @@ void fwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64
   }
 }
 
-template <typename T, bool COLS>
+template <typename T, bool COLS, bool MASK>
 void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
-              T* rhard, int64_t* rarg, T* chard, int64_t* carg, const int64_t* self) {
+              T* rhard, int64_t* rarg, T* chard, int64_t* carg, const uint8_t* X) {
   const T ninf = -std::numeric_limits<T>::infinity();
   T* chd = chard + c0;
   int64_t* cag = carg + c0;
   for (int64_t i = 0; i < br; ++i) {
     const T* s = S + i * ld;
-    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0, sl = excluded(self, r, c0);
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
     T best = ninf;
     int nan = 0;  // NaN propagates as in the reference's max: a NaN negative is the hardest and stays so
 #pragma omp simd reduction(max : best) reduction(| : nan)
     for (int64_t j = 0; j < bc; ++j) {
-      const T v = (j != tl && j != sl) ? s[j] : ninf;
+      const T v = (j != tl && !(MASK && (x[j] & kOut))) ? s[j] : ninf;
       best = vmax(best, v);
       nan |= v != v;
     }
     if (nan && rhard[r] == rhard[r]) {  // the first NaN seen, in the lowest column of this tile
       for (int64_t j = 0; j < bc; ++j)
-        if (j != tl && j != sl && s[j] != s[j]) {
+        if (j != tl && !(MASK && (x[j] & kOut)) && s[j] != s[j]) {
           rhard[r] = s[j];
           rarg[r] = c0 + j;
           break;
         }
     } else if (best > rhard[r]) {  // strict: an earlier tile (lower column) keeps a tie; false once NaN
       for (int64_t j = 0; j < bc; ++j)
-        if (j != tl && j != sl && s[j] == best) {
+        if (j != tl && !(MASK && (x[j] & kOut)) && s[j] == best) {
           rhard[r] = best;
           rarg[r] = c0 + j;
           break;
@@ -233,7 +261,7 @@ void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_
     }
     if (COLS) {
       for (int64_t j = 0; j < bc; ++j) {
-        T v = j != diag ? s[j] : ninf;
+        T v = (j != diag && !(MASK && (x[j] & kOut))) ? s[j] : ninf;
         bool up = v > chd[j] || (v != v && chd[j] == chd[j]);  // strict: an earlier row keeps a tie; NaN sticks
         chd[j] = up ? v : chd[j];
         cag[j] = up ? r : cag[j];
@@ -245,7 +273,7 @@ void fwd_hard(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_
 template <typename T, bool COLS, bool DYS, bool ACC, bool MASK, bool DGRAD>
 void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS,
              const T* grow, const T* lse, const T* tau, const T* gcol, const T* lse_c, T tau_min, T half_range,
-             const int64_t* ex1, const int64_t* ex2) {
+             const uint8_t* X) {
   static_assert(DYS || !DGRAD, "DGRAD is DySTreSS's gradient through τ(S)");
   const T* gc = gcol + c0;
   const T* lc = lse_c + c0;
@@ -254,7 +282,7 @@ void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
     const T* s = S + i * ld;
     T* d = dS + i * bc;
     const T g = grow[r0 + i], L = lse[r0 + i];
-    const int64_t e1 = MASK ? excluded(ex1, r0 + i, c0) : -1, e2 = MASK ? excluded(ex2, r0 + i, c0) : -1;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
     if (DYS) {
 #pragma omp simd
       for (int64_t j = 0; j < bc; ++j) {
@@ -268,7 +296,7 @@ void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
           v = g / t * fexp(z - L);
           if (COLS) v += gc[j] / t * fexp(z - lc[j]);
         }
-        if (MASK) v = (j == e1 || j == e2) ? T(0) : v;
+        if (MASK) v = (x[j] & (kOut | kOutLse)) ? T(0) : v;
         d[j] = ACC ? d[j] + v : v;
       }
     } else {
@@ -277,29 +305,94 @@ void bwd_lse(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
       for (int64_t j = 0; j < bc; ++j) {
         T v = g * fexp(s[j] / t - L);
         if (COLS) v += gc[j] * fexp(s[j] / tc[j] - lc[j]);
-        if (MASK) v = (j == e1 || j == e2) ? T(0) : v;
+        if (MASK) v = (x[j] & (kOut | kOutLse)) ? T(0) : v;
         d[j] = ACC ? d[j] + v : v;
       }
     }
   }
 }
 
-template <typename T, bool COLS, bool ACC>
+template <typename T, bool COLS, bool ACC, bool MASK>
 void bwd_hinge(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, const int64_t* tgt,
-               const T* marg, const T* pos, const T* ghinge, const T* ghinge_c, const int64_t* self) {
+               const T* marg, const T* pos, const T* ghinge, const T* ghinge_c, const uint8_t* X) {
   const T* cmarg = marg + c0;
   const T* cpos = pos + c0;
   const T* gc = ghinge_c + c0;
   for (int64_t i = 0; i < br; ++i) {
     const T* s = S + i * ld;
     T* d = dS + i * bc;
-    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0, sl = excluded(self, r, c0);
+    const int64_t r = r0 + i, tl = tgt[r] - c0, diag = r - c0;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
     const T base = marg[r] - pos[r], g = ghinge[r];
 #pragma omp simd
     for (int64_t j = 0; j < bc; ++j) {
-      T v = ((base + s[j] > T(0)) & (j != tl) & (j != sl)) ? g : T(0);
-      if (COLS) v += ((cmarg[j] + s[j] - cpos[j] > T(0)) & (j != diag)) ? gc[j] : T(0);
+      const bool kept = !(MASK && (x[j] & kOut));
+      T v = ((base + s[j] > T(0)) & (j != tl) & kept) ? g : T(0);
+      if (COLS) v += ((cmarg[j] + s[j] - cpos[j] > T(0)) & (j != diag) & kept) ? gc[j] : T(0);
       d[j] = ACC ? d[j] + v : v;
+    }
+  }
+}
+
+// The sigmoid's v_ij = −z_ij (S_ij/τ_i + b_i) and whether the entry is kept, from the mask or (no mask) the target.
+// S_ij · (1/τ_i): an ulp of u from the reference's S/τ, which softplus and σ (slope ≤ 1) do not amplify — unlike
+// the lse's exp(z − lse), hence its true division — and a division fewer per entry.
+template <typename T, bool MASK>
+inline T sig_v(T s, T inv_t, T b, int64_t j, int64_t tl, const uint8_t* x, bool& kept, bool& positive) {
+  positive = MASK ? (x[j] & kPos) != 0 : j == tl;
+  kept = !(MASK && (x[j] & kOut));
+  const T u = s * inv_t + b;
+  return positive ? -u : u;
+}
+
+template <typename T, bool MASK, bool GRADS>
+void fwd_sig(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
+             const T* tau, const T* bias, T* sig, T* sb, T* st, const uint8_t* X) {
+  for (int64_t i = 0; i < br; ++i) {
+    const T* s = S + i * ld;
+    const int64_t r = r0 + i, tl = tgt[r] - c0;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
+    const T inv_t = T(1) / tau[r], b = bias[r];
+    T acc = 0, ab = 0, as = 0;
+#pragma omp simd reduction(+ : acc, ab, as)
+    for (int64_t j = 0; j < bc; ++j) {
+      bool kept, positive;
+      const T v = sig_v<T, MASK>(s[j], inv_t, b, j, tl, x, kept, positive);
+      const T e = fexp(-(v < T(0) ? -v : v));  // NaN stays NaN
+      const T sp = vmax(v, T(0)) + flog1p01(e);  // vmax(NaN, 0) is NaN
+      acc += kept ? sp : T(0);
+      if (GRADS) {
+        const T sg = (v >= T(0) ? T(1) : e) / (T(1) + e);  // σ(v)
+        const T q = kept ? (positive ? sg : -sg) : T(0);  // z σ(v)
+        ab += q;
+        as += q * s[j];
+      }
+    }
+    sig[r] += acc;
+    if (GRADS) {
+      sb[r] += ab;
+      st[r] += as;
+    }
+  }
+}
+
+template <typename T, bool MASK, bool ACC>
+void bwd_sig(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, T* dS, const int64_t* tgt,
+             const T* tau, const T* bias, const T* gsig, const uint8_t* X) {
+  for (int64_t i = 0; i < br; ++i) {
+    const T* s = S + i * ld;
+    T* d = dS + i * bc;
+    const int64_t r = r0 + i, tl = tgt[r] - c0;
+    const uint8_t* x = MASK ? X + i * bc : nullptr;
+    const T inv_t = T(1) / tau[r], b = bias[r], g = gsig[r];
+#pragma omp simd
+    for (int64_t j = 0; j < bc; ++j) {
+      bool kept, positive;
+      const T v = sig_v<T, MASK>(s[j], inv_t, b, j, tl, x, kept, positive);
+      const T e = fexp(-(v < T(0) ? -v : v));
+      const T sg = (v >= T(0) ? T(1) : e) / (T(1) + e);
+      const T dv = kept ? g * (positive ? -sg : sg) : T(0);  // −z σ(v) g
+      d[j] = ACC ? d[j] + dv : dv;
     }
   }
 }

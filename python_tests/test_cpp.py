@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 import pytest
 import torch
@@ -186,10 +187,15 @@ def test_stats_contract():
     req = StatsRequest(lse=True, hinge=True, hard=True, ws=True, cols=True)
     s = cpp_backend.compute_stats(x, y, tau, margin, torch.arange(9), req)
     for name, t in s._asdict().items():
+        if name == "sig":  # the sigmoid statistic is requested on its own below
+            assert t is None
+            continue
         assert t is not None and t.shape == (2, 9), name
         assert t.dtype == (torch.int64 if name.startswith(("cnt", "arg")) else torch.float32), name
     s = cpp_backend.compute_stats(x, y, tau, None, torch.arange(9), StatsRequest(lse=True))
-    assert s.lse is not None and s.hinge is None and s.lse_c is None and s.ws is None
+    assert s.lse is not None and s.hinge is None and s.lse_c is None and s.ws is None and s.sig is None
+    s = cpp_backend.compute_stats(x, y, tau, None, torch.arange(9), StatsRequest(sigmoid=True), bias=-tau)
+    assert s.sig.shape == (2, 9) and s.sig.dtype == torch.float32 and s.lse is None
 
 
 def test_opcheck():
@@ -261,8 +267,9 @@ def test_deterministic_backward_is_bitwise_independent_of_the_thread_count():
 
 
 def test_default_backward_is_reproducible_for_a_given_thread_count():
-    """deterministic=False: per-thread dy buffers summed in task order: the same bits on every run with the same
-    thread count; across thread counts only rounding differs."""
+    """deterministic=False: the schedule (rounds over disjoint row × column parts, or per-thread dy buffers summed
+    in task order) is fixed by the thread count: the same bits on every run with the same thread count; across
+    thread counts only rounding differs."""
     for n in (1, 2):
         assert _bitwise_equal(_with_threads(n, False), _with_threads(n, False)), f"{n} threads"
     one, two = _with_threads(1, False), _with_threads(2, False)
@@ -281,8 +288,9 @@ def _with_threads(n: int, deterministic: bool):
 
 
 def test_many_threads_use_the_bufferless_backward():
-    """Past 8 threads the default backward drops its per-thread dy buffers for the two-pass schedule, which is
-    thread-count independent: bitwise equal to deterministic=True on one thread."""
+    """Past 8 threads with fewer row or column blocks than threads (here 3 of 256 rows), the default backward drops
+    its per-thread dy buffers for the two-pass schedule, which is thread-count independent: bitwise equal to
+    deterministic=True on one thread."""
     many, one = _with_threads(12, False), _with_threads(1, True)
     assert _bitwise_equal(many, one)
 
@@ -352,27 +360,35 @@ def test_no_n_by_m_tensor_is_allocated():
     assert rec.largest()[1] >= N * N
 
 
+def peak_rss_growth(setup: str, measured: str) -> int:
+    """Bytes the resident set's high-water mark grows by while ``measured`` runs, in a fresh process after
+    ``setup`` (which loads the library and warms up). Linux only (/proc/self/status)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc/self/status (Linux)")
+    script = f"""
+import json, torch, mmts_kernels as mk
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+{textwrap.dedent(setup)}
+base = hwm()
+{textwrap.dedent(measured)}
+print(json.dumps({{"growth": hwm() - base}}))
+"""
+    out = run_python(script)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+
+
 def test_peak_memory_is_flat():
     """Peak RSS growth of fwd+bwd at N = M = 4096 (S would be 64 MiB) in a fresh process stays a few MiB."""
-    script = """
-        import json, torch, mmts_kernels as mk
-        def hwm():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
+    growth = peak_rss_growth("""
         N, D = 4096, 64
         x, y = torch.randn(N, D, requires_grad=True), torch.randn(N, D, requires_grad=True)
         tau = torch.full((N,), 0.1, requires_grad=True)
         mk.info_nce(x[:300], y[:300], tau[:300], backend="cpp").backward()   # load the library, warm up
         x.grad = y.grad = tau.grad = None
         x.grad, y.grad = torch.zeros_like(x), torch.zeros_like(y)             # gradients are not extra memory
-        base = hwm()
-        mk.info_nce(x, y, tau, backend="cpp").backward()
-        print(json.dumps({"growth": hwm() - base}))
-    """
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs /proc/self/status (Linux)")
-    out = run_python(script)
-    assert out.returncode == 0, out.stderr
-    growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    """, """mk.info_nce(x, y, tau, backend="cpp").backward()""")
     assert growth < 4096 * 4096 * 4 // 4, f"peak RSS grew by {growth / 2**20:.1f} MiB"

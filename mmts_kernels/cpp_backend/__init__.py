@@ -4,13 +4,17 @@ csrc/mmts_cpu.cpp streams S = x yᵀ in BR×BC tiles (one BLAS call per tile int
 tile in place to the running row (and column) statistics, and never holds anything O(N·M); the backward
 recomputes the tiles and accumulates dx = dS·y and dy = dSᵀ·x per tile with BLAS. It is registered as the
 operators ``torch.ops.mmts_kernels.cpu_stats`` / ``cpu_stats_backward``; this module adds their fake (meta)
-kernels and the autograd formula, so the op is differentiable w.r.t. x, y, tau and margin and visible to
+kernels and the autograd formula, so the op is differentiable w.r.t. x, y, tau, margin and bias and visible to
 torch.compile:
 
     ∂/∂x, ∂/∂y    from cpu_stats_backward (tiles recomputed; the pos and −cnt·g^hinge terms join dS at (i, t_i),
-                  the hardest-negative terms are gathered outside the tiles)
-    ∂/∂tau_i      −g^lse_i · ws_i/τ_i² − g^lse_c_i · ws^c_i/τ_i²      (ws is computed when τ requires grad)
-    self_cols, decoupled (row direction): excluded entries get no probability mass and dS = 0; DySTreSS with
+                  the hardest-negative terms are gathered outside the tiles). When y is x (NT-Xent's Z against
+                  itself) the op gets y=None and its backward returns all of dZ as dx and no dy: one N×D gradient
+    ∂/∂tau_i      −g^lse_i · ws_i/τ_i² − g^lse_c_i · ws^c_i/τ_i² + g^sig_i · Σ_j z_ij σ(v_ij) S_ij/τ_i²
+                  (ws and the sigmoid's two sums are computed in the forward when τ or the bias requires grad)
+    ∂/∂bias_i     −g^sig_i · Σ_j z_ij σ(v_ij),   v_ij = −z_ij (S_ij/τ_i + b_i)
+    self_cols, decoupled (row direction), same_label="mask" (rows and columns): excluded entries get no
+                  probability mass, no hinge, no hardest negative, no softplus, and dS = 0; DySTreSS with
                   detach=False: the kernel's dS uses ∂(S/τ(S))/∂S = 1/τ − S·τ'(S)/τ²
     ∂/∂margin_i   g^hinge_i · cnt_i + g^hinge_c_i · cnt^c_i
 
@@ -32,8 +36,11 @@ from ..first_order import first_order_only
 from ..stats import Stats, StatsRequest, compute_dtype
 from . import _build
 
-FIELDS = Stats._fields  # pos, lse, hinge, cnt, hard, arg, ws, lse_c, hinge_c, cnt_c, hard_c, arg_c, ws_c
+# The op's outputs: the Stats fields, then the sigmoid's Σ_j z σ(v) and Σ_j z σ(v) S_ij (for ∂sig/∂bias, ∂sig/∂τ).
+FIELDS = ("pos", "lse", "hinge", "cnt", "hard", "arg", "ws", "lse_c", "hinge_c", "cnt_c", "hard_c", "arg_c", "ws_c",
+          "sig", "sig_b", "sig_t")
 _INT_FIELDS = ("cnt", "arg", "cnt_c", "arg_c")
+SAME_LABEL = {None: 0, "mask": 1, "positive": 2}  # request.same_label as the op's int
 
 
 def _block_sizes() -> tuple[int, int]:
@@ -65,21 +72,26 @@ def instruction_set() -> str:
     return torch.ops.mmts_kernels.cpu_isa()
 
 
-def compute_stats(x, y, tau, margin, targets, request: StatsRequest, self_cols=None) -> Stats:
+def compute_stats(x, y, tau, margin, targets, request: StatsRequest, self_cols=None, *, bias=None,
+                  labels=None) -> Stats:
     reason = unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"the cpp backend cannot run: {reason}")
     d = request.dystress
-    use_tau = request.lse and d is None
+    use_tau = (request.lse and d is None) or request.sigmoid
+    lx, ly = labels if request.same_label else (None, None)
+    # The sigmoid's Σ z σ and Σ z σ S only when the bias or τ will want a gradient (as ws for the lse).
+    sig_grad = request.sigmoid and any(t is not None and t.requires_grad for t in (tau, bias))
     br, bc = _block_sizes()
     out = torch.ops.mmts_kernels.cpu_stats(
-        x, y, tau if use_tau else None, margin if request.hinge else None, targets,
-        request.lse, request.hinge, request.hard, request.ws and use_tau, request.cols, d is not None,
-        float(d.tau_min) if d is not None else 0.0, float(d.tau_max) if d is not None else 0.0,
+        x, None if y is x else y, tau if use_tau else None, margin if request.hinge else None, targets,
+        request.lse, request.hinge, request.hard, request.ws and request.lse and d is None, request.cols,
+        d is not None, float(d.tau_min) if d is not None else 0.0, float(d.tau_max) if d is not None else 0.0,
         request.deterministic, br, bc, self_cols, request.decoupled, d is not None and not d.detach,
+        bias if request.sigmoid else None, lx, ly, request.sigmoid, SAME_LABEL[request.same_label], sig_grad,
     )
     fields = {name: (t if t.numel() > 0 or name == "pos" else None) for name, t in zip(FIELDS, out)}
-    return Stats(**fields)
+    return Stats(**{name: fields[name] for name in Stats._fields})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,12 +113,14 @@ def _register_python_parts() -> None:
 
 
 def _fake_stats(x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max,
-                deterministic, block_rows, block_cols, self_cols=None, decoupled=False, dys_grad=False):
+                deterministic, block_rows, block_cols, self_cols=None, decoupled=False, dys_grad=False, bias=None,
+                labels_x=None, labels_y=None, sigmoid=False, same_label=0, sig_grad=False):
     H, N = x.shape[0], x.shape[1]
     cdt = compute_dtype(x.dtype)
     on = dict(pos=True, lse=lse, hinge=hinge, cnt=hinge, hard=hard, arg=hard, ws=ws and lse and not dystress)
     for name in ("lse", "hinge", "cnt", "hard", "arg", "ws"):
         on[name + "_c"] = on[name] and cols
+    on.update(sig=sigmoid, sig_b=sigmoid and sig_grad, sig_t=sigmoid and sig_grad)
     return tuple(
         x.new_empty((H, N) if on[name] else (0,), dtype=torch.int64 if name in _INT_FIELDS else cdt)
         for name in FIELDS
@@ -114,23 +128,29 @@ def _fake_stats(x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress
 
 
 def _fake_backward(x, y, tau, margin, targets, *rest):
-    return torch.empty_like(x), torch.empty_like(y)
+    return torch.empty_like(x), (x.new_empty((0,)) if y is None else torch.empty_like(y))
 
 
-_OP_DEFAULTS = (None, False, False)  # self_cols, decoupled, dys_grad: the schema's trailing defaults
+# The schema's trailing defaults: self_cols, decoupled, dys_grad, bias, labels_x, labels_y, sigmoid, same_label,
+# sig_grad.
+_OP_DEFAULTS = (None, False, False, None, None, None, False, 0, False)
+_BIAS = 19  # the position of bias among the op's inputs
 
 
 def _setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)  # backward returns one gradient per input the op was called with
     inputs = tuple(inputs) + _OP_DEFAULTS[len(inputs) - 16:]
     (x, y, tau, margin, targets, lse, hinge, hard, ws, cols, dystress, tau_min, tau_max, deterministic,
-     block_rows, block_cols, self_cols, decoupled, dys_grad) = inputs
+     block_rows, block_cols, self_cols, decoupled, dys_grad, bias, labels_x, labels_y, sigmoid, same_label,
+     sig_grad) = inputs
     out = dict(zip(FIELDS, output))
     ctx.flags = (cols, dystress, tau_min, tau_max, deterministic, block_rows, block_cols)
     ctx.row_flags = (decoupled, dys_grad)
-    ctx.has_tau, ctx.has_margin = tau is not None, margin is not None
+    ctx.same_label = same_label
+    ctx.has_tau, ctx.has_margin, ctx.has_bias = tau is not None, margin is not None, bias is not None
     ctx.save_for_backward(x, y, tau, margin, targets, out["pos"], out["lse"], out["lse_c"], out["cnt"],
-                          out["cnt_c"], out["arg"], out["arg_c"], out["ws"], out["ws_c"], self_cols)
+                          out["cnt_c"], out["arg"], out["arg_c"], out["ws"], out["ws_c"], self_cols, bias, labels_x,
+                          labels_y, out["sig_b"], out["sig_t"])
 
 
 def _present(g) -> bool:
@@ -138,7 +158,8 @@ def _present(g) -> bool:
 
 
 def _backward(ctx, *grads):
-    (x, y, tau, margin, targets, pos, lse, lse_c, cnt, cnt_c, arg, arg_c, ws, ws_c, self_cols) = ctx.saved_tensors
+    (x, y, tau, margin, targets, pos, lse, lse_c, cnt, cnt_c, arg, arg_c, ws, ws_c, self_cols, bias, labels_x,
+     labels_y, sig_b, sig_t) = ctx.saved_tensors
     g = dict(zip(FIELDS, grads))
     cols, dystress, tau_min, tau_max, deterministic, block_rows, block_cols = ctx.flags
 
@@ -146,18 +167,22 @@ def _backward(ctx, *grads):
         return g[name] if _present(g[name]) else None
 
     dx = dy = dtau = dmargin = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:  # y None (y is x): dx is all of dZ, no dy
         dx, dy = torch.ops.mmts_kernels.cpu_stats_backward(
             x, y, tau, margin, targets, pos, lse, lse_c, cnt, cnt_c, arg, arg_c,
             opt("pos"), opt("lse"), opt("hinge"), opt("hard"), opt("lse_c"), opt("hinge_c"), opt("hard_c"),
-            cols, dystress, tau_min, tau_max, deterministic, block_rows, block_cols, self_cols, *ctx.row_flags)
-    if ctx.has_tau and ctx.needs_input_grad[2]:  # ∂lse_i/∂τ_i = −ws_i/τ_i² (column j alike with τ_j)
-        t = tau.to(lse.dtype)
-        acc = torch.zeros_like(lse) if lse.numel() else torch.zeros(t.shape, dtype=t.dtype)
+            cols, dystress, tau_min, tau_max, deterministic, block_rows, block_cols, self_cols, *ctx.row_flags,
+            opt("sig"), bias, labels_x, labels_y, ctx.same_label)
+    if ctx.has_tau and ctx.needs_input_grad[2]:
+        # ∂lse_i/∂τ_i = −ws_i/τ_i² (column j alike with τ_j); ∂sig_i/∂τ_i = Σ_j z σ(v) S_ij / τ_i² = sig_t_i/τ_i²
+        t = tau.to(pos.dtype)
+        acc = torch.zeros(torch.broadcast_shapes(t.shape, pos.shape), dtype=pos.dtype)
         if opt("lse") is not None:
             acc = acc - g["lse"] * ws
         if opt("lse_c") is not None:
             acc = acc - g["lse_c"] * ws_c
+        if opt("sig") is not None:
+            acc = acc + g["sig"] * _sig_sums(sig_t)
         dtau = (acc / (t * t)).to(tau.dtype)
     if ctx.has_margin and ctx.needs_input_grad[3]:  # ∂hinge_i/∂m_i = cnt_i
         acc = torch.zeros(margin.shape, dtype=pos.dtype)
@@ -166,7 +191,17 @@ def _backward(ctx, *grads):
         if opt("hinge_c") is not None:
             acc = acc + g["hinge_c"] * cnt_c.to(pos.dtype)
         dmargin = acc.to(margin.dtype)
-    return (dx, dy, dtau, dmargin) + (None,) * (ctx.num_inputs - 4)
+    gradients = [dx, dy if y is not None else None, dtau, dmargin] + [None] * (ctx.num_inputs - 4)
+    if ctx.has_bias and ctx.needs_input_grad[_BIAS] and opt("sig") is not None:  # ∂sig_i/∂b_i = −Σ_j z σ(v)
+        gradients[_BIAS] = (-g["sig"] * _sig_sums(sig_b)).to(bias.dtype)
+    return tuple(gradients)
+
+
+def _sig_sums(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        raise RuntimeError("mmts_kernels cpp: the gradient of tau or bias through sig needs the op called with "
+                           "sig_grad=True (compute_stats sets it when tau or bias requires grad)")
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------------------
