@@ -140,7 +140,8 @@ class Towers(torch.nn.Module):
         self.value_head = torch.nn.Linear(DIN, H if case.heads else 1)
         base = 0.1 if case.loss == "infonce" else 0.2
         self.log_value = torch.nn.Parameter(torch.tensor(math.log(base)))
-        self.bias = torch.nn.Parameter(torch.tensor(-2.0))  # the sigmoid loss's b
+        if case.loss == "sigmoid":  # its b (only then: DDP expects every parameter to get a gradient)
+            self.bias = torch.nn.Parameter(torch.tensor(-2.0))
 
     def embed(self, enc, a):
         z = enc(a)
