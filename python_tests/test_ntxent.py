@@ -234,8 +234,8 @@ def test_cpp_tiles(block, case):
 @backend_marker("cpp")
 @pytest.mark.parametrize("threads", (1, 3, 12))
 def test_cpp_gram_mode_thread_counts(monkeypatch, threads):
-    """The Gram backward splits the triangle of tiles by area over the threads (3: a buffer per task beyond two;
-    12: past 8 threads the full two-pass backward runs instead)."""
+    """The Gram backward pairs up parts of the triangle of tiles in rounds (2T parts for T threads, no buffers), at
+    any thread count: odd ones, and more threads than blocks."""
     monkeypatch.setenv("MMTS_KERNELS_CPP_BLOCK", "4x4")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
