@@ -4,7 +4,9 @@ cluster (MM-TS) be credited with better long-tail retrieval — and is the credi
 PRIMARY METRIC (declared before any run, printed by every run): test nDCG over all queries (class-balanced gallery,
 x→y and y→x averaged), and the primary contrast MM-TS − TS (InfoNCE). The attribution is read from the controls:
 MM-TS − (TS re-centred at MM-TS's mean τ), MM-TS − (MM-TS with its mean shift: no per-sample spread),
-MM-TS − (MM-TS, shifts shuffled), MM-TS − (MM-TS, reversed). Every other metric, group and contrast is secondary.
+MM-TS − (MM-TS, shifts shuffled), MM-TS − (MM-TS, reversed). Every other metric, group and contrast is secondary,
+among them the label row: MM-TS whose loss also gets the cluster ids as labels, same-cluster columns ignored
+(false-negative elimination), against MM-TS and against itself with the labels permuted across training samples.
 
 Data, metrics: `bench.longtail_data` (head clusters full of near-duplicates, i.e. false negatives; class-balanced
 validation / test splits with EK-100-style graded relevance). Schedules, controls, training: `bench.longtail_methods`.
@@ -12,9 +14,9 @@ Statistics: `bench.longtail_stats` (paired differences over seeds, 95% t-interva
 
 Protocol
   1. Tuning, the same budget for every tuned method: a grid of GRID_SIZE settings (τ for fixed τ, [τ_min, τ_max]
-     for TS, α and the shift range for MM-TS; the same for margins), each trained on the tuning seeds (data worlds
-     1000, 1001, … — never the evaluation seeds) and scored by the primary metric on their *validation* split;
-     the best mean wins. The controls take MM-TS's tuned setting and are not tuned themselves.
+     for TS, α and the shift range for MM-TS and the label row; the same for margins), each trained on the tuning
+     seeds (data worlds 1000, 1001, … — never the evaluation seeds) and scored by the primary metric on their
+     *validation* split; the best mean wins. The controls take their row's tuned setting and are not tuned.
   2. Evaluation: every row on evaluation seeds 0 … S−1 (for a seed, every row shares the data, the initial weights
      and the batch order), scored on the *test* split; paired differences with 95% t-intervals.
   3. Dose–response (InfoNCE): for Zipf exponents s and shift-range widths w (fractions of the widest range that
@@ -68,6 +70,10 @@ TUNED: Dict[str, Tuple[str, List[Schedule]]] = {
     "MM-TS m": ("max_margin", [Schedule("mmts", p) for p in ((0.08, 0.05, 0.20), (0.2, 0.17, 0.30), (0.2, 0.2, 0.5),
                                                              (0.1, 0.3, 0.6), (0.08, 0.1, 0.6), (0.2, 0.3, 0.8))]),
 }
+# The label row is MM-TS with a loss that ignores same-cluster columns; it gets MM-TS's grid (its best τ may differ
+# once the false negatives are out of the denominators) and the same tuning budget.
+LABEL_ROW = "MM-TS, same-cluster ignored"
+TUNED[LABEL_ROW] = ("infonce", [replace(s, same_label="ignore") for s in TUNED["MM-TS"][1]])
 # Controls: (the tuned MM-TS row they ablate, what they change; see bench.longtail_methods).
 CONTROLS: Dict[str, Tuple[str, str]] = {
     "TS re-centred at MM-TS's mean τ": ("MM-TS", "re-centred"),
@@ -78,10 +84,13 @@ CONTROLS: Dict[str, Tuple[str, str]] = {
     "MM-TS m, mean shift (no spread)": ("MM-TS m", "mean shift"),
     "MM-TS m, shifts shuffled": ("MM-TS m", "shuffled"),
     "MM-TS m, reversed": ("MM-TS m", "reversed"),
+    LABEL_ROW + ", labels permuted": (LABEL_ROW, "labels permuted"),
 }
 COSINE_OF = {"MM-TS": "TS", "MM-TS m": "cosine m"}  # the tuned cosine row a "re-centred" control moves
+LABEL_CONTROL = LABEL_ROW + ", labels permuted"
 ROWS = ("fixed τ", "TS", "MM-TS") + tuple(k for k in CONTROLS if CONTROLS[k][0] == "MM-TS") + (
-    "fixed m", "cosine m", "MM-TS m") + tuple(k for k in CONTROLS if CONTROLS[k][0] == "MM-TS m")
+    "fixed m", "cosine m", "MM-TS m") + tuple(k for k in CONTROLS if CONTROLS[k][0] == "MM-TS m") + (
+    LABEL_ROW, LABEL_CONTROL)
 
 
 def _contrasts(mm: str, cos: str, fixed: str) -> Tuple[Tuple[str, str], ...]:
@@ -89,7 +98,10 @@ def _contrasts(mm: str, cos: str, fixed: str) -> Tuple[Tuple[str, str], ...]:
     return ((mm, cos),) + tuple((mm, c) for c in controls) + ((controls[0], cos), (mm, fixed), (cos, fixed))
 
 
-COMPARISONS = _contrasts("MM-TS", "TS", "fixed τ") + _contrasts("MM-TS m", "cosine m", "fixed m")
+# The label row: what the labels add to MM-TS, how much of it needs the cluster structure (against the permuted
+# labels), and what dropping as many random columns does.
+COMPARISONS = _contrasts("MM-TS", "TS", "fixed τ") + _contrasts("MM-TS m", "cosine m", "fixed m") + (
+    (LABEL_ROW, "MM-TS"), (LABEL_ROW, LABEL_CONTROL), (LABEL_CONTROL, "MM-TS"))
 COLUMNS = (PRIMARY, "head nDCG", "middle nDCG", "tail nDCG", "overall mAP", "overall R@1", "overall R@10",
            "tail R@1")
 
@@ -167,6 +179,8 @@ def row_schedule(row: str, chosen: Dict[str, Schedule], sizes: torch.Tensor) -> 
         sched = mean_shift(sched, sizes)
     elif how == "re-centred":
         sched = recentred_at(chosen[COSINE_OF[base]], mean_value(sched, sizes))
+    elif how == "labels permuted":
+        sched = replace(sched, labels="permuted")
     else:
         sched = replace(sched, assign=how)
     return TUNED[base][0], sched

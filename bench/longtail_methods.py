@@ -22,6 +22,17 @@ Means are over the training samples and whole periods (the cosine terms average 
 cosine → (lo + hi)/2, MM-TS → mean_i sh(n_i).
 
 The max-margin rows use the same schedules as per-sample margins (DESIGN §5: MM-TS's margin is its τ value).
+
+Label rows: the cluster assignment MM-TS takes its sizes from (`mk.clusters_from_labels` of the training clusters:
+`Clusters.sizes` are MM-TS's n_i, `Clusters.labels` the batch's labels) also goes to the loss as
+`labels=`, on top of the MM-TS schedule. With `same_label="ignore"` (false-negative elimination) row i's loss is
+
+    L_i = −S_ii/τ_i + log Σ_{j : j = i or c_j ≠ c_i} exp(S_ij/τ_i)        c_j: cluster id of the batch's sample j
+
+(and the same for the columns of the symmetric loss): a same-cluster sample is no longer pushed away. Its control:
+
+    labels permuted   c_i replaced by c_{π(i)} for a fixed random permutation π of the training set: the same
+                      label counts (so about as many columns leave each denominator), unrelated to the content
 """
 from __future__ import annotations
 
@@ -36,6 +47,8 @@ import mmts_kernels as mk
 from .longtail_data import Data
 
 ASSIGNMENTS = ("size", "shuffled", "reversed")
+SAME_LABEL = (None, "ignore", "positive")  # None: no labels passed to the loss
+LABEL_ASSIGNMENTS = ("cluster", "permuted")
 TAU_FLOOR = 0.01  # the lowest τ any schedule built here may reach
 
 
@@ -44,6 +57,8 @@ class Schedule:
     kind: str                 # "fixed" | "cosine" | "mmts"
     params: Tuple[float, ...]  # fixed: (v,); cosine: (lo, hi); mmts: (α, sh_min, sh_max)
     assign: str = "size"       # mmts only: which cluster size each sample's value is computed from
+    same_label: str | None = None  # label rows: the loss's same_label, the cluster ids passed as labels
+    labels: str = "cluster"    # label rows: "cluster" (each sample's own cluster id) or "permuted" (the control)
 
     def __post_init__(self):
         arity = {"fixed": 1, "cosine": 2, "mmts": 3}
@@ -51,6 +66,10 @@ class Schedule:
             raise ValueError(f"schedule {self.kind!r} needs {arity.get(self.kind)} params, got {self.params}")
         if self.assign not in ASSIGNMENTS or (self.assign != "size" and self.kind != "mmts"):
             raise ValueError(f"assign={self.assign!r} is not valid for a {self.kind!r} schedule")
+        if self.same_label not in SAME_LABEL:
+            raise ValueError(f"same_label must be one of {SAME_LABEL}, got {self.same_label!r}")
+        if self.labels not in LABEL_ASSIGNMENTS or (self.labels != "cluster" and self.same_label is None):
+            raise ValueError(f"labels={self.labels!r} is not valid with same_label={self.same_label!r}")
 
     def describe(self) -> str:
         if self.kind == "fixed":
@@ -58,7 +77,10 @@ class Schedule:
         if self.kind == "cosine":
             return f"[{self.params[0]:.3g}, {self.params[1]:.3g}]"
         a, lo, hi = self.params
-        return f"α={a:g}, sh∈[{lo:g}, {hi:g}]" + ("" if self.assign == "size" else f", {self.assign}")
+        text = f"α={a:g}, sh∈[{lo:g}, {hi:g}]" + ("" if self.assign == "size" else f", {self.assign}")
+        if self.same_label is not None:
+            text += f", same cluster {self.same_label}" + ("" if self.labels == "cluster" else ", labels permuted")
+        return text
 
 
 def mean_value(s: Schedule, sizes: torch.Tensor) -> float:
@@ -99,6 +121,17 @@ def assigned_sizes(assign: str, sizes: torch.Tensor, seed: int) -> torch.Tensor:
     raise ValueError(f"unknown assignment {assign!r}")
 
 
+def batch_labels(s: Schedule, clusters: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """The [N_train] labels the loss gets under ``s`` (None: no labels), from the training cluster ids."""
+    if s.same_label is None:
+        return None
+    labels = mk.clusters_from_labels(clusters).labels
+    if s.labels == "permuted":
+        g = torch.Generator().manual_seed(40_000 + seed)
+        labels = labels[torch.randperm(len(labels), generator=g)]
+    return labels
+
+
 def schedule_value(s: Schedule, step: int, period: float, sizes: torch.Tensor):
     """τ or margin at ``step``: a float, or a [N_train] tensor for MM-TS (``sizes`` already assigned)."""
     if s.kind == "fixed":
@@ -132,14 +165,15 @@ def tower(feature_dim: int, cfg: TrainConfig) -> torch.nn.Module:
 def train(loss: str, sched: Schedule, data: Data, cfg: TrainConfig, seed: int, bar=None):
     """Two towers trained with ``loss`` ("infonce" | "max_margin") under ``sched``; returns the embedding function.
 
-    ``seed`` fixes the initial weights, the batch order and the shuffling control's permutation, so methods run
-    with the same seed are paired.
+    ``seed`` fixes the initial weights, the batch order and the controls' permutations, so methods run with the
+    same seed are paired.
     """
     feature_dim = data.train.x.shape[1]
     torch.manual_seed(seed)
     fx, fy = tower(feature_dim, cfg), tower(feature_dim, cfg)
     opt = torch.optim.Adam(list(fx.parameters()) + list(fy.parameters()), lr=cfg.lr)
     sizes = assigned_sizes(sched.assign, data.train_sizes, seed)
+    labels = batch_labels(sched, data.train.cluster, seed)
     g = torch.Generator().manual_seed(20_000 + seed)
     n = len(sizes)
     for step in range(cfg.steps):
@@ -149,10 +183,11 @@ def train(loss: str, sched: Schedule, data: Data, cfg: TrainConfig, seed: int, b
         value = schedule_value(sched, step, cfg.period, sizes)
         if isinstance(value, torch.Tensor):
             value = value[idx]
+        extra = {} if labels is None else {"labels": labels[idx], "same_label": sched.same_label}
         if loss == "infonce":
-            out = mk.info_nce(ex, ey, temperature=value, backend=cfg.backend)
+            out = mk.info_nce(ex, ey, temperature=value, backend=cfg.backend, **extra)
         else:
-            out = mk.max_margin(ex, ey, margin=value, backend=cfg.backend)
+            out = mk.max_margin(ex, ey, margin=value, backend=cfg.backend, **extra)
         opt.zero_grad(set_to_none=True)
         out.backward()
         opt.step()

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import mmts_kernels as mk
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench` is not an installed package: import it from the checkout
 
@@ -136,6 +138,62 @@ def test_evaluation_is_perfect_for_ideal_embeddings_and_not_for_random_ones():
     rand = torch.nn.functional.normalize(torch.randn(len(s.cluster), 8, generator=g), dim=1)
     out = longtail_data.evaluate(rand, rand.flip(0), s, data.tercile)
     assert out["overall nDCG"] < 0.6 and out["overall mAP"] < 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The label row
+
+def test_label_row_uses_mm_ts_clusters_and_its_control_keeps_only_the_label_counts():
+    data = longtail_data.make_data(_SMALL, seed=2)
+    clusters = mk.clusters_from_labels(data.train.cluster)
+    assert torch.equal(clusters.sizes, data.train_sizes)  # the assignment MM-TS's n_i come from
+    mmts = longtail_methods.Schedule("mmts", (0.08, 0.05, 0.35))
+    assert longtail_methods.batch_labels(mmts, data.train.cluster, seed=0) is None
+    row = longtail_methods.Schedule("mmts", mmts.params, same_label="ignore")
+    assert torch.equal(longtail_methods.batch_labels(row, data.train.cluster, seed=0), clusters.labels)
+    control = longtail_methods.Schedule("mmts", mmts.params, same_label="ignore", labels="permuted")
+    permuted = longtail_methods.batch_labels(control, data.train.cluster, seed=0)
+    assert torch.equal(torch.bincount(permuted), clusters.counts)
+    assert float((permuted == clusters.labels).double().mean()) < 0.5  # the content link is gone
+    assert torch.equal(permuted, longtail_methods.batch_labels(control, data.train.cluster, seed=0))
+    assert not torch.equal(permuted, longtail_methods.batch_labels(control, data.train.cluster, seed=1))
+    # The control row takes the label row's tuned setting and changes only the labels.
+    chosen = {longtail.LABEL_ROW: row}
+    loss, sched = longtail.row_schedule(longtail.LABEL_CONTROL, chosen, data.train_sizes)
+    assert loss == "infonce" and sched == control
+    assert longtail.TUNED[longtail.LABEL_ROW][1] == [
+        longtail_methods.Schedule("mmts", s.params, same_label="ignore") for s in longtail.TUNED["MM-TS"][1]]
+    for bad in (dict(same_label="both"), dict(labels="permuted"), dict(same_label="ignore", labels="shuffled")):
+        with pytest.raises(ValueError, match="same_label|labels"):
+            longtail_methods.Schedule("mmts", mmts.params, **bad)
+    assert control.describe() == "α=0.08, sh∈[0.05, 0.35], same cluster ignore, labels permuted"
+
+
+def test_training_passes_each_batch_its_cluster_ids(monkeypatch):
+    data = longtail_data.make_data(_SMALL, seed=3)
+    cfg = longtail_methods.TrainConfig(hidden=8, embed_dim=4, steps=3, batch=16, backend="torch")
+    seen = []
+    real = mk.info_nce
+
+    def spy(x, y, temperature, **kwargs):
+        seen.append((kwargs.get("labels"), kwargs.get("same_label")))
+        return real(x, y, temperature, **kwargs)
+
+    monkeypatch.setattr(mk, "info_nce", spy)
+    mmts = longtail_methods.Schedule("mmts", (0.08, 0.05, 0.35))
+    for sched in (mmts, longtail_methods.Schedule("mmts", mmts.params, same_label="ignore"),
+                  longtail_methods.Schedule("mmts", mmts.params, same_label="ignore", labels="permuted")):
+        seen.clear()
+        longtail_methods.train("infonce", sched, data, cfg, seed=5)
+        labels = longtail_methods.batch_labels(sched, data.train.cluster, seed=5)
+        g = torch.Generator().manual_seed(20_000 + 5)  # train's batch order for seed 5
+        assert len(seen) == cfg.steps
+        for got, same_label in seen:
+            idx = torch.randperm(len(data.train.cluster), generator=g)[:cfg.batch]
+            if labels is None:
+                assert got is None and same_label is None
+            else:
+                assert same_label == "ignore" and torch.equal(got, labels[idx])
 
 
 # ---------------------------------------------------------------------------------------------------------------
