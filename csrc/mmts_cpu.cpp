@@ -3,11 +3,13 @@
 //
 // Registered as two operators (TORCH_LIBRARY, so torch.compile sees real ops; mmts_kernels/cpp_backend adds the
 // fake kernels and the autograd formula):
-//   mmts_kernels::cpu_stats           forward statistics, 16 tensors: pos, lse, hinge, cnt, hard, arg, ws, lse_c,
-//                                     hinge_c, cnt_c, hard_c, arg_c, ws_c, sig, and the sigmoid's Σ_j z σ and
-//                                     Σ_j z σ S (for ∂sig/∂b, ∂sig/∂τ; tile_kernels.h)
+//   mmts_kernels::cpu_stats           forward statistics, 18 tensors: pos, lse, hinge, cnt, hard, arg, ws, lse_c,
+//                                     hinge_c, cnt_c, hard_c, arg_c, ws_c, sig, the sigmoid's Σ_j z σ and
+//                                     Σ_j z σ S (for ∂sig/∂b, ∂sig/∂τ; tile_kernels.h), and its fused gradient
+//                                     products Q·y, Qᵀ·x (sig_q; forward_sig_fused)
 //   mmts_kernels::cpu_stats_backward  (dx, dy) from the upstream gradients of the statistics; y None (y is x, NT-Xent's
-//                                     Z against itself): (dZ, an empty tensor), one N×D gradient instead of two
+//                                     Z against itself): (dZ, an empty tensor), one N×D gradient instead of two.
+//                                     Given qx / qy (the forward's Q·y, Qᵀ·x), it writes dx / dy into them instead
 //   mmts_kernels::cpu_isa             "avx2" or "portable": which build of the float kernels runs
 //
 // Layout of the work (per head h; heads run one after the other):
@@ -34,6 +36,8 @@
 //     statistic, rows and columns; "positive": they are positives of the sigmoid). The excluded entries and the
 //     sigmoid's positives of a tile are one byte mask built per tile (mask_tile), read by the tile kernels.
 //   - sigmoid (rows only): sig_i = Σ_j softplus(−z_ij (S_ij/τ_i + b_i)), a tile kernel of its own beside the others.
+//     Alone and with x or y requiring grad, the forward also multiplies each tile's ∂sig/∂S by y and x
+//     (forward_sig_fused), and a backward with an upstream gradient uniform over the rows only scales those.
 //   - hard/arg touch one element per row: O(N·D) loops outside the tiles. The pos and −cnt·g^hinge terms too
 //     when no tile pass runs; otherwise they are added to dS_{i,t_i} in the tile (one element per row), where
 //     they cancel against p_{i,t_i}/τ_i exactly as in the reference.
@@ -124,6 +128,7 @@ struct Opts {
   bool gram = false;       // NT-Xent's S = Z Zᵀ: one triangle of tiles serves rows and columns (see gram_layout)
   bool sig = false;        // the sigmoid statistic (rows only)
   bool sig_grad = false;   // and its Σ z σ, Σ z σ S for the gradients of τ and the bias
+  bool sig_q = false;      // the sigmoid alone, fused with its x / y gradients (forward_sig_fused)
   int64_t same_label = 0;  // kSameNone, kSameMask or kSamePositive (labels given)
   bool mask() const { return has_self || decoupled || same_label != 0; }
 };
@@ -171,12 +176,60 @@ void mask_tile(uint8_t* X, int64_t br, int64_t bc, int64_t r0, int64_t c0, const
 // A contiguous [br, bc] view of a flat per-thread buffer (at::mm_out writes into it without copies).
 Tensor tile_view(const Tensor& buf, int64_t br, int64_t bc) { return buf.narrow(0, 0, br * bc).view({br, bc}); }
 
+// The sigmoid alone, fused with its gradient (o.sig_q): besides sig (and Σ z σ, Σ z σ S), QX = Q·Y and QY = Qᵀ·X
+// (undefined: not wanted) with Q_ij = ∂sig_i/∂S_ij = −z_ij σ(v_ij)/τ_i, from the tiles the statistic already has.
+// When the upstream gradient g of sig is uniform over the rows of a head (g_i = g_0: the mean and the sum), dx = g_0 QX
+// and dy = g_0 QY, and the backward recomputes no tile (cpu_stats_backward): three GEMMs per tile pair in all
+// instead of four. Rows and columns are cut into G = min(#row blocks, #column blocks) parts; in round ρ task k does
+// row part k × column part (k + ρ) mod G, so a round's tasks write disjoint rows of sig, QX and QY (a round ends with
+// its parallel_for). G depends on the shapes and tiles only, and so does the order of every sum: bitwise identical
+// for any thread count (deterministic=True included), though not to forward_head's order of the column blocks.
+template <typename T>
+void forward_sig_fused(const Tensor& X, const Tensor& Y, const T* tau, const T* bias, const int64_t* tgt,
+                       const int64_t* self, const int64_t* lx, const int64_t* ly, const Opts& o, T* sig, T* sig_b,
+                       T* sig_t, Tensor& QX, Tensor& QY) {
+  const int64_t N = X.size(0), M = Y.size(0);
+  const int64_t nrb = cdiv(N, o.BR), ncb = cdiv(M, o.BC), G = std::min(nrb, ncb);
+  const auto opt = X.options();
+  for (int64_t round = 0; round < G; ++round) {
+    at::parallel_for(0, G, 1, [&](int64_t b, int64_t e) {
+      Tensor buf = at::empty({o.BR * o.BC}, opt);
+      std::vector<uint8_t> mbuf(o.mask() ? o.BR * o.BC : 0);
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t q = (k + round) % G;
+        for (int64_t rb = k * nrb / G; rb < (k + 1) * nrb / G; ++rb) {
+          const int64_t r0 = rb * o.BR, br = std::min(o.BR, N - r0);
+          const Tensor xb = X.narrow(0, r0, br);
+          for (int64_t cb = q * ncb / G; cb < (q + 1) * ncb / G; ++cb) {
+            const int64_t c0 = cb * o.BC, bc = std::min(o.BC, M - c0);
+            const Tensor yb = Y.narrow(0, c0, bc);
+            Tensor St = tile_view(buf, br, bc);
+            at::mm_out(St, xb, yb.t());
+            const uint8_t* Xm = nullptr;
+            if (o.mask()) {
+              mask_tile(mbuf.data(), br, bc, r0, c0, tgt, self, lx, ly, o);
+              Xm = mbuf.data();
+            }
+            T* S = St.data_ptr<T>();
+#define MMTS_FWD_SIG_Q(GR, MK) \
+  KCALL(T, fwd_sig_q, (T, MK, GR), S, bc, br, bc, r0, c0, tgt, tau, bias, sig, sig_b, sig_t, Xm)
+            MMTS_SWITCH2(o.sig_grad, MMTS_FWD_SIG_Q);
+#undef MMTS_FWD_SIG_Q
+            if (QX.defined()) QX.narrow(0, r0, br).addmm_(St, yb);  // St now holds Q
+            if (QY.defined()) QY.narrow(0, c0, bc).addmm_(St.t(), xb);
+          }
+        }
+      }
+    });
+  }
+}
+
 template <typename T>
 void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg, const T* bias, const int64_t* tgt,
                   const int64_t* self, const int64_t* lx, const int64_t* ly, const Opts& o,
                   T* pos, T* lse, T* ws, T* hinge, int64_t* cnt, T* hard, int64_t* arg,
                   T* lse_c, T* ws_c, T* hinge_c, int64_t* cnt_c, T* hard_c, int64_t* arg_c,
-                  T* sig, T* sig_b, T* sig_t) {
+                  T* sig, T* sig_b, T* sig_t, Tensor QX, Tensor QY) {
   const int64_t N = X.size(0), M = Y.size(0), D = X.size(1);
   const T* xp = X.const_data_ptr<T>();
   const T* yp = Y.const_data_ptr<T>();
@@ -218,6 +271,10 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
       std::fill(sig_b, sig_b + N, T(0));
       std::fill(sig_t, sig_t + N, T(0));
     }
+  }
+  if (o.sig_q) {
+    forward_sig_fused<T>(X, Y, tau, bias, tgt, self, lx, ly, o, sig, sig_b, sig_t, QX, QY);
+    return;
   }
 
   const int64_t nrb = cdiv(N, o.BR), ncb = cdiv(M, o.BC);
@@ -711,7 +768,11 @@ std::pair<Tensor, Tensor> label_pair(const std::optional<Tensor>& lx, const std:
 const int64_t* long_ptr(const Tensor& t) { return t.defined() ? t.const_data_ptr<int64_t>() : nullptr; }
 
 using StatsTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// sig_q: which of the sigmoid's fused gradient products the forward computes (forward_sig_fused), bits of the op's
+// int argument: x (Q·y; when y is x, Q·Z + Qᵀ·Z, all of dZ) and y (Qᵀ·x).
+constexpr int64_t kSigQx = 1, kSigQy = 2;
 
 StatsTuple cpu_stats(const Tensor& x, const std::optional<Tensor>& y_opt, const std::optional<Tensor>& tau,
                      const std::optional<Tensor>& margin, const Tensor& targets, bool lse, bool hinge, bool hard,
@@ -719,7 +780,7 @@ StatsTuple cpu_stats(const Tensor& x, const std::optional<Tensor>& y_opt, const 
                      int64_t block_rows, int64_t block_cols, const std::optional<Tensor>& self_cols,
                      bool decoupled, bool dys_grad, const std::optional<Tensor>& bias,
                      const std::optional<Tensor>& labels_x, const std::optional<Tensor>& labels_y, bool sigmoid,
-                     int64_t same_label, bool sig_grad) {
+                     int64_t same_label, bool sig_grad, int64_t sig_q) {
   const bool y_is_x = absent(y_opt);
   const Tensor& y = y_is_x ? x : *y_opt;
   check_inputs(x, y, targets);
@@ -733,6 +794,10 @@ StatsTuple cpu_stats(const Tensor& x, const std::optional<Tensor>& y_opt, const 
   o.sig = sigmoid;
   o.sig_grad = sigmoid && sig_grad;
   o.same_label = same_label;
+  TORCH_CHECK(sig_q >= 0 && sig_q <= (kSigQx | kSigQy) && (sig_q == 0 || (sigmoid && !o.lse && !o.hinge && !o.hard)),
+              "mmts_kernels cpp: sig_q (0 to 3) needs the sigmoid statistic alone");
+  const bool want_qx = sig_q & kSigQx, want_qy = (sig_q & kSigQy) && !y_is_x;
+  o.sig_q = want_qx || want_qy;
   Tensor lx, ly;  // not a structured binding: the dispatch lambda below captures them (C++17)
   std::tie(lx, ly) = label_pair(labels_x, labels_y, same_label, x.size(1), y.size(1));
   o.gram = gram_layout(y_is_x, x, self, targets.to(at::kLong).contiguous(), lx, ly, o);
@@ -757,6 +822,9 @@ StatsTuple cpu_stats(const Tensor& x, const std::optional<Tensor>& y_opt, const 
   Tensor taus = ((o.lse && !o.dys) || o.sig) ? tau->to(ct).expand({H, N}).contiguous() : Tensor();
   Tensor marg = o.hinge ? margin->to(ct).expand({H, N}).contiguous() : Tensor();
   Tensor biases = o.sig ? bias->to(ct).expand({H, N}).contiguous() : Tensor();
+  // y is x: Q·Z and Qᵀ·Z go to separate buffers (a round's tasks write disjoint rows of each, not of their union)
+  Tensor qx = want_qx ? at::zeros_like(X) : at::empty({0}, fopt);
+  Tensor qy = want_qy || (want_qx && y_is_x) ? at::zeros_like(Y) : at::empty({0}, fopt);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "mmts_cpu_stats", [&] {
     using T = scalar_t;
@@ -770,11 +838,15 @@ StatsTuple cpu_stats(const Tensor& x, const std::optional<Tensor>& y_opt, const 
                       long_ptr(self), long_ptr(lx), long_ptr(ly), o, row(pos, h), row(lse_t, h),
                       row(ws_t, h), row(hinge_t, h), irow(cnt_t, h), row(hard_t, h), irow(arg_t, h), row(lse_c, h),
                       row(ws_c, h), row(hinge_c, h), irow(cnt_c, h), row(hard_c, h), irow(arg_c, h), row(sig, h),
-                      row(sig_b, h), row(sig_t, h));
+                      row(sig_b, h), row(sig_t, h), qx.numel() ? qx[h] : Tensor(), qy.numel() ? qy[h] : Tensor());
     }
   });
+  if (y_is_x && qy.numel()) {
+    qx.add_(qy);
+    qy = at::empty({0}, fopt);
+  }
   return {pos, lse_t, hinge_t, cnt_t, hard_t, arg_t, ws_t, lse_c, hinge_c, cnt_c, hard_c, arg_c, ws_c, sig, sig_b,
-          sig_t};
+          sig_t, qx, qy};
 }
 
 // Upstream gradients arrive as undefined or empty tensors for statistics that were not used.
@@ -790,7 +862,8 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
     const std::optional<Tensor>& g_hard_c, bool cols, bool dystress, double tau_min, double tau_max,
     bool deterministic, int64_t block_rows, int64_t block_cols, const std::optional<Tensor>& self_cols,
     bool decoupled, bool dys_grad, const std::optional<Tensor>& g_sig, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& labels_x, const std::optional<Tensor>& labels_y, int64_t same_label) {
+    const std::optional<Tensor>& labels_x, const std::optional<Tensor>& labels_y, int64_t same_label,
+    const std::optional<Tensor>& qx, const std::optional<Tensor>& qy) {
   const bool y_is_x = absent(y_opt);
   const Tensor& y = y_is_x ? x : *y_opt;
   check_inputs(x, y, targets);
@@ -814,10 +887,26 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
   const Tensor X = x.to(ct).contiguous(), Y = y_is_x || x.is_same(y) ? X : y.to(ct).contiguous();  // one copy
   const Tensor tgt = targets.to(at::kLong).contiguous();
   const int64_t H = X.size(0), N = X.size(1), D = X.size(2);
-  Tensor dX = at::zeros_like(X), dY = o.gram ? Tensor() : at::zeros_like(Y);  // Gram mode: all of dZ in dX
   auto hn = [&](const std::optional<Tensor>& g) {  // an [H, N] compute-type contiguous gradient, zeros if absent
     return present(g) ? g->to(ct).expand({H, N}).contiguous() : at::zeros({H, N}, X.options());
   };
+  // The fused sigmoid (forward_sig_fused): qx / qy hold the forward's Q·y and Qᵀ·x and become dx and dy. A head whose
+  // upstream g^sig is one value g_0 on every row (exactly) takes dx = g_0 Q·y, dy = g_0 Qᵀ·x, scaled in place: no
+  // tile, no new N×D buffer. Any other head is zeroed and goes through the tiles like the unfused case.
+  const bool fused = present(qx) || present(qy);
+  for (const auto* q : {&qx, &qy})
+    if (present(*q))
+      TORCH_CHECK((*q)->sizes() == (q == &qx ? X : Y).sizes() && (*q)->scalar_type() == ct && (*q)->is_contiguous(),
+                  "mmts_kernels cpp: qx / qy must be the forward's contiguous [H, N, D] / [H, M, D] products");
+  const Tensor graw = o.sig ? hn(g_sig) : Tensor();
+  std::vector<char> fast(H, 0);
+  if (fused && !o.lse && !o.hinge)
+    for (int64_t h = 0; h < H; ++h) fast[h] = !o.sig || graw[h].eq(graw[h][0]).all().item<bool>();
+  const bool all_fast = std::all_of(fast.begin(), fast.end(), [](char f) { return f != 0; });
+  Tensor dX = present(qx) ? *qx : at::zeros_like(X);
+  Tensor dY;  // Gram mode: all of dZ in dX; y is x and every head fast: no dy to add
+  if (present(qy)) dY = *qy;
+  else if (!o.gram && !(y_is_x && all_fast)) dY = at::zeros_like(Y);
   Tensor gpos = hn(g_pos).clone();
   Tensor grow, gcol, taus, gh, ghc, marg, gsig, biases;
   if (o.lse || o.sig) {
@@ -858,8 +947,19 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
       return t.defined() ? t.const_data_ptr<T>() + h * N : nullptr;
     };
     for (int64_t h = 0; h < H; ++h) {
-      Tensor Xh = X[h], Yh = Y[h], dXh = dX[h], dYh = o.gram ? dXh : dY[h];
-      if (o.lse || o.hinge || o.sig) {
+      Tensor Xh = X[h], Yh = Y[h], dXh = dX[h], dYh = dY.defined() ? dY[h] : dXh;
+      if (fast[h]) {
+        for (const auto* q : {&qx, &qy}) {
+          if (!present(*q)) continue;
+          Tensor d = q == &qx ? dXh : dYh;
+          if (o.sig) d.mul_(graw[h][0].item<T>());
+          else d.zero_();  // no gradient through sig (NaN-free, unlike 0·Q)
+        }
+      } else if (fused) {
+        if (present(qx)) dXh.zero_();
+        if (present(qy)) dYh.zero_();
+      }
+      if (!fast[h] && (o.lse || o.hinge || o.sig)) {
         BwdHead<T> bh;
         bh.lse_on = o.lse;
         bh.hinge_on = o.hinge;
@@ -892,7 +992,7 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
       const T* yp = Yh.const_data_ptr<T>();
       T* dxp = dXh.data_ptr<T>();
       T* dyp = dYh.data_ptr<T>();
-      if (!(o.lse || o.hinge || o.sig))  // otherwise folded into the tiles (dS_tile)
+      if (fast[h] || !(o.lse || o.hinge || o.sig))  // otherwise folded into the tiles (dS_tile)
         add_gathered<T>(xp, yp, dxp, dyp, N, D, at_h(gpos, h), tgt.const_data_ptr<int64_t>());
       if (ghard.defined())
         add_gathered<T>(xp, yp, dxp, dyp, N, D, at_h(ghard, h), argl.const_data_ptr<int64_t>() + h * N);
@@ -900,9 +1000,10 @@ std::tuple<Tensor, Tensor> cpu_stats_backward(
         add_gathered<T>(yp, xp, dyp, dxp, N, D, at_h(ghard_c, h), argcl.const_data_ptr<int64_t>() + h * N);
     }
   });
-  if (!y_is_x) return {dX.to(x.scalar_type()), dY.to(y.scalar_type())};
+  const Tensor none = at::empty({0}, x.options());  // the gradient went into qx / qy
+  if (!y_is_x) return {present(qx) ? none : dX.to(x.scalar_type()), present(qy) ? none : dY.to(y.scalar_type())};
   if (dY.defined()) dX.add_(dY);
-  return {dX.to(x.scalar_type()), at::empty({0}, x.options())};
+  return {present(qx) ? none : dX.to(x.scalar_type()), none};
 }
 
 }  // namespace
@@ -913,15 +1014,16 @@ TORCH_LIBRARY(mmts_kernels, m) {
       "bool hard, bool ws, bool cols, bool dystress, float tau_min, float tau_max, bool deterministic, "
       "int block_rows, int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False, "
       "Tensor? bias=None, Tensor? labels_x=None, Tensor? labels_y=None, bool sigmoid=False, int same_label=0, "
-      "bool sig_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool sig_grad=False, int sig_q=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpu_stats_backward(Tensor x, Tensor? y, Tensor? tau, Tensor? margin, Tensor targets, Tensor pos, "
       "Tensor lse, Tensor lse_c, Tensor cnt, Tensor cnt_c, Tensor arg, Tensor arg_c, Tensor? g_pos, "
       "Tensor? g_lse, Tensor? g_hinge, Tensor? g_hard, Tensor? g_lse_c, Tensor? g_hinge_c, Tensor? g_hard_c, "
       "bool cols, bool dystress, float tau_min, float tau_max, bool deterministic, int block_rows, "
       "int block_cols, Tensor? self_cols=None, bool decoupled=False, bool dys_grad=False, Tensor? g_sig=None, "
-      "Tensor? bias=None, Tensor? labels_x=None, Tensor? labels_y=None, int same_label=0) -> (Tensor, Tensor)");
+      "Tensor? bias=None, Tensor? labels_x=None, Tensor? labels_y=None, int same_label=0, Tensor(a!)? qx=None, "
+      "Tensor(b!)? qy=None) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa);  // no tensor argument: one kernel for every dispatch key
 }
 

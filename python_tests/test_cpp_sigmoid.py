@@ -261,3 +261,141 @@ def test_ntxent_peak_memory():
     """, """mk.nt_xent(z1, z2, 0.1, backend="cpp").backward()""")
     z_bytes = 4096 * 256 * 4
     assert growth <= 2 * z_bytes, f"peak RSS grew by {growth / 2**20:.1f} MiB"  # about 6 MiB measured
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sigmoid fused with its gradient: the forward's Q·y and Qᵀ·x, scaled by a backward whose upstream gradient is
+# uniform over the rows of a head, the tiles recomputed otherwise
+
+SIGMOID_KINDS = tuple(k for k in KINDS if k.startswith("sigmoid"))
+
+
+def sigmoid_grads(impl, case, seed: int, upstream: str, **request_changes):
+    """sig and the gradients of Σ_h Σ_i w_hi sig_hi (+ Σ w'_hi pos_hi for "uniform_pos"), w uniform over the rows of
+    each head ("uniform", "uniform_pos": the fast path), random ("random": the tiles), or uniform in head 0 only
+    ("mixed": one head each way)."""
+    x, y, tau, margin, targets, request, kwargs, leaves = case
+    if request_changes:
+        request = StatsRequest(**{**request.__dict__, **request_changes})
+    stats = impl.compute_stats(x, y, tau, margin, targets, request, **kwargs)
+    g = torch.Generator().manual_seed(seed + 2)
+    H, N = stats.sig.shape
+    w = torch.rand(H, N, generator=g, dtype=torch.float64) + 0.5
+    if upstream in ("uniform", "uniform_pos"):
+        w = w[:, :1].expand(H, N)
+    elif upstream == "mixed":
+        w = torch.cat((w[:1, :1].expand(1, N), w[1:]))
+    total = (w.to(stats.sig.dtype) * stats.sig).sum()
+    if upstream == "uniform_pos":  # the positive's gradient joins the scaled products outside the tiles
+        total = total + (torch.randn(H, N, generator=g, dtype=torch.float64).to(stats.pos.dtype) * stats.pos).sum()
+    grads = torch.autograd.grad(total, list(leaves.values()))
+    return {"sig": stats.sig.detach()}, dict(zip(leaves, grads))
+
+
+@given(kind=st.sampled_from(SIGMOID_KINDS), upstream=st.sampled_from(("uniform", "uniform_pos", "mixed", "random")),
+       H=st.integers(1, 2), N=st.integers(2, 45), M=st.integers(2, 41), D=st.integers(1, 9),
+       classes=st.integers(1, 40), seed=st.integers(0, 2**16), tiles=st.sampled_from(("3x2", "5x7", "8x8")),
+       threads=st.sampled_from((1, 2, 3)), deterministic=st.booleans())
+def test_fused_sigmoid_gradient_float64(kind, upstream, H, N, M, D, classes, seed, tiles, threads, deterministic):
+    """Both backward paths of the fused sigmoid (uniform upstream: the forward's products scaled; otherwise: the
+    tiles), per head, to 1e-12 of the reference in every gradient (x, y, τ, bias), any tiles, threads, schedule."""
+    from mmts_kernels import cpp_backend
+
+    if kind == "sigmoid_self":
+        N = 2 * max(2, N // 2)
+    case = make_case(kind, H, N, M, D, classes, seed)
+    ref = sigmoid_grads(reference, case, seed, upstream)
+    os.environ["MMTS_KERNELS_CPP_BLOCK"] = tiles
+    try:
+        out = with_threads(threads, lambda: sigmoid_grads(cpp_backend, case, seed, upstream,
+                                                          deterministic=deterministic))
+    finally:
+        del os.environ["MMTS_KERNELS_CPP_BLOCK"]
+    assert_close(out, ref, 1e-12)
+
+
+def _backward_gemms(loss: torch.Tensor) -> int:
+    """How many GEMMs (at::mm / addmm, inside the C++ kernels included) ``loss.backward()`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+def test_fused_sigmoid_backward_path(reduction, monkeypatch):
+    """mean and sum: the backward only scales the forward's products (no GEMM) and they become the gradients
+    themselves (no new N×D buffer); per-row weights (reduction="none"): the tiles are recomputed. Same gradients."""
+    monkeypatch.setenv("MMTS_KERNELS_CPP_BLOCK", "16x16")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(50, 6, generator=g, requires_grad=True), torch.randn(40, 6, generator=g, requires_grad=True)
+    tau, bias = (0.1 + torch.rand(50, generator=g)).requires_grad_(), torch.full((50,), -2.0, requires_grad=True)
+    weights = torch.rand(50, generator=g) + 0.5
+
+    def loss(backend):
+        value = mk.sigmoid_loss(x, y, tau, bias, targets=torch.arange(50) % 40, reduction=reduction, backend=backend)
+        return (value * weights).sum() if reduction == "none" else value
+
+    ref = torch.autograd.grad(loss("torch"), (x, y, tau, bias))
+    gemms = _backward_gemms(loss("cpp"))
+    assert (gemms == 0) == (reduction != "none"), gemms
+    for leaf, r in zip((x, y, tau, bias), ref):
+        assert rel_err(leaf.grad, r) <= 1e-5
+    if reduction != "none":  # the forward's products became x.grad and y.grad: no copy
+        with AllocationRecorder() as rec:
+            x.grad = y.grad = None
+            loss("cpp").backward()
+        assert max(n for name, n in rec.numels if "cpu_stats_backward" in name) == 0, rec.numels
+
+
+def test_fused_sigmoid_retained_graph():
+    """A second backward through a retained graph (the products were spent by the first) recomputes the tiles and
+    gives the same gradients; without x or y to differentiate the forward computes no products."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(30, 5, generator=g, requires_grad=True), torch.randn(20, 5, generator=g, requires_grad=True)
+    loss = mk.sigmoid_loss(x, y, 0.3, -1.0, targets=torch.arange(30) % 20, backend="cpp")
+    first = torch.autograd.grad(loss, (x, y), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, y))
+    for a, b in zip(first, second):
+        assert rel_err(a, b) <= 1e-6
+    with AllocationRecorder() as rec:
+        mk.sigmoid_loss(x.detach(), y.detach(), 0.3, -1.0, targets=torch.arange(30) % 20, backend="cpp")
+    assert max(n for name, n in rec.numels if "cpu_stats" in name) == 30  # [N] statistics only
+
+
+@pytest.mark.parametrize("sig_q", (1, 2, 3))
+def test_opcheck_fused_sigmoid(sig_q):
+    """The fused products' fake shapes and autograd registration (x only, y only, both)."""
+    from mmts_kernels import cpp_backend  # noqa: F401  (registers the fake kernels and autograd)
+
+    args = _op_args("sigmoid_ring") + (sig_q,)
+    torch.library.opcheck(torch.ops.mmts_kernels.cpu_stats.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_fused_sigmoid_deterministic_is_bitwise_for_any_thread_count(monkeypatch):
+    """The fused forward's schedule depends on the shapes only: sig and the scaled products are bitwise the same for
+    1, 2 and 3 threads, deterministic=True or not."""
+    from mmts_kernels import cpp_backend
+
+    monkeypatch.setenv("MMTS_KERNELS_CPP_BLOCK", "8x8")
+    case = make_case("sigmoid_mask", 2, 61, 47, 5, 6, seed=4, dtype=torch.float32)
+    for deterministic in (False, True):
+        runs = [with_threads(n, lambda: sigmoid_grads(cpp_backend, case, 4, "uniform", deterministic=deterministic))
+                for n in (1, 2, 3)]
+        for fields, grads in runs[1:]:
+            assert torch.equal(fields["sig"], runs[0][0]["sig"])
+            assert all(torch.equal(grads[k], runs[0][1][k]) for k in grads)
+
+
+def test_fused_sigmoid_peak_memory():
+    """Peak RSS growth of the sigmoid loss's fwd+bwd at N = 2048, D = 256 (x: 2 MiB, S: 16 MiB) in a fresh process:
+    the forward's two products, which become x.grad and y.grad, and the tile buffers; nothing else N×D."""
+    growth = peak_rss_growth("""
+        torch.set_num_threads(2)
+        x, y = torch.randn(2048, 256, requires_grad=True), torch.randn(2048, 256, requires_grad=True)
+        mk.sigmoid_loss(x[:300], y[:300], 0.1, -10.0, backend="cpp").backward()   # load the library, warm up
+        x.grad = y.grad = None
+    """, """mk.sigmoid_loss(x, y, 0.1, -10.0, backend="cpp").backward()""")
+    x_bytes = 2048 * 256 * 4
+    # about 2.4 MiB measured; fresh gradients beside the products would add 2 · x_bytes
+    assert growth <= 2 * x_bytes + 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB"
