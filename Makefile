@@ -29,7 +29,7 @@ $(TRITON_LATEST)/.installed: $(STAMP)
 test-triton-latest: $(TRITON_LATEST)/.installed
 	PYTHONPATH=$(TRITON_LATEST) $(PY) -c "import triton; print('triton', triton.__version__, triton.__file__)"
 	PYTHONPATH=$(TRITON_LATEST) MMTS_KERNELS_REQUIRE_BACKENDS=triton $(PY) -m pytest python_tests/test_triton.py $(PYTEST_ARGS)
-	PYTHONPATH=$(TRITON_LATEST) MMTS_KERNELS_REQUIRE_BACKENDS=triton $(PY) -m pytest python_tests/test_ntxent.py python_tests/test_topk.py python_tests/test_amcl.py python_tests/test_double_backward.py -k triton $(PYTEST_ARGS)
+	PYTHONPATH=$(TRITON_LATEST) MMTS_KERNELS_REQUIRE_BACKENDS=triton $(PY) -m pytest python_tests/test_ntxent.py python_tests/test_topk.py python_tests/test_amcl.py python_tests/test_double_backward.py python_tests/test_sigmoid_labels_stats.py -k triton $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
