@@ -347,6 +347,14 @@ inline T sig_v(T s, T inv_t, T b, int64_t j, int64_t tl, const uint8_t* x, bool&
   return positive ? -u : u;
 }
 
+// softplus(v) = max(v, 0) + log1p(e^−|v|) and σ(v) from the one exp e^−|v| (NaN stays NaN: vmax(NaN, 0) is NaN).
+template <typename T>
+inline void softplus_sigma(T v, T& sp, T& sg) {
+  const T e = fexp(-(v < T(0) ? -v : v));
+  sp = vmax(v, T(0)) + flog1p01(e);
+  sg = (v >= T(0) ? T(1) : e) / (T(1) + e);
+}
+
 template <typename T, bool MASK, bool GRADS>
 void fwd_sig(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
              const T* tau, const T* bias, T* sig, T* sb, T* st, const uint8_t* X) {
@@ -360,11 +368,10 @@ void fwd_sig(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t
     for (int64_t j = 0; j < bc; ++j) {
       bool kept, positive;
       const T v = sig_v<T, MASK>(s[j], inv_t, b, j, tl, x, kept, positive);
-      const T e = fexp(-(v < T(0) ? -v : v));  // NaN stays NaN
-      const T sp = vmax(v, T(0)) + flog1p01(e);  // vmax(NaN, 0) is NaN
+      T sp, sg;
+      softplus_sigma(v, sp, sg);
       acc += kept ? sp : T(0);
       if (GRADS) {
-        const T sg = (v >= T(0) ? T(1) : e) / (T(1) + e);  // σ(v)
         const T q = kept ? (positive ? sg : -sg) : T(0);  // z σ(v)
         ab += q;
         as += q * s[j];
@@ -394,9 +401,8 @@ void fwd_sig_q(T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0,
       bool kept, positive;
       const T sj = s[j];
       const T v = sig_v<T, MASK>(sj, inv_t, b, j, tl, x, kept, positive);
-      const T e = fexp(-(v < T(0) ? -v : v));
-      const T sp = vmax(v, T(0)) + flog1p01(e);
-      const T sg = (v >= T(0) ? T(1) : e) / (T(1) + e);
+      T sp, sg;
+      softplus_sigma(v, sp, sg);
       const T q = kept ? (positive ? sg : -sg) : T(0);  // z σ(v)
       acc += kept ? sp : T(0);
       if (GRADS) {
