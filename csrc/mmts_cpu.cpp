@@ -212,7 +212,7 @@ void forward_sig_fused(const Tensor& X, const Tensor& Y, const T* tau, const T* 
             }
             T* S = St.data_ptr<T>();
 #define MMTS_FWD_SIG_Q(GR, MK) \
-  KCALL(T, fwd_sig_q, (T, MK, GR), S, bc, br, bc, r0, c0, tgt, tau, bias, sig, sig_b, sig_t, Xm)
+  KCALL(T, fwd_sig, (T, MK, GR, true), S, bc, br, bc, r0, c0, tgt, tau, bias, sig, sig_b, sig_t, Xm)
             MMTS_SWITCH2(o.sig_grad, MMTS_FWD_SIG_Q);
 #undef MMTS_FWD_SIG_Q
             if (QX.defined()) QX.narrow(0, r0, br).addmm_(St, yb);  // St now holds Q
@@ -372,7 +372,8 @@ void forward_head(const Tensor& X, const Tensor& Y, const T* tau, const T* marg,
   KCALL(T, fwd_hinge, (T, C, MK), S, bc, br, bc, r0, c0, tgt, marg, pos, hinge, cnt, ch, cc, Xm)
 #define MMTS_FWD_HARD(C, MK) KCALL(T, fwd_hard, (T, C, MK), S, bc, br, bc, r0, c0, tgt, hard, arg, chdp, ca, Xm)
 #define MMTS_FWD_SIG(GR, MK) \
-  KCALL(T, fwd_sig, (T, MK, GR), S, bc, br, bc, r0, c0, tgt, tau, bias, sig, sig_b, sig_t, Xm)
+  KCALL(T, fwd_sig, (T, MK, GR, false), const_cast<T*>(S), bc, br, bc, r0, c0, tgt, tau, bias, sig, sig_b, \
+        sig_t, Xm)  /* WRITE_Q false: S is only read */
           if (o.hinge) MMTS_SWITCH2(o.cols, MMTS_FWD_HINGE);
           if (o.hard) MMTS_SWITCH2(o.cols, MMTS_FWD_HARD);
           if (o.sig) MMTS_SWITCH2(o.sig_grad, MMTS_FWD_SIG);

@@ -24,8 +24,9 @@
 //   forward:  sig_i += Σ_j softplus(v_ij);  with GRADS also sb_i += Σ_j z_ij σ(v_ij), st_i += Σ_j z_ij σ(v_ij) S_ij
 //             (∂sig_i/∂b_i = −sb_i, ∂sig_i/∂τ_i = st_i/τ_i², applied outside)
 //   backward: dS_ij += g_i · (−z_ij σ(v_ij)), the caller folding 1/τ_i into g_i
-//   fused (fwd_sig_q): the forward's sums and, in place of S, Q_ij = ∂sig_i/∂S_ij = −z_ij σ(v_ij)/τ_i, which the
-//             caller turns into Q·y and Qᵀ·x: the gradient of Σ_i g sig_i for any upstream g uniform over the rows
+//   fused (fwd_sig with WRITE_Q): the forward's sums and, in place of S, Q_ij = ∂sig_i/∂S_ij = −z_ij σ(v_ij)/τ_i,
+//             which the caller turns into Q·y and Qᵀ·x: the gradient of Σ_i g sig_i for any upstream g uniform over
+//             the rows
 //   softplus(v) = max(v, 0) + log1p(e^{−|v|}), σ(v) = (v ≥ 0 ? 1 : e^{−|v|}) / (1 + e^{−|v|}): one exp for both.
 //
 // Excluded entries (MASK): a byte per tile entry, X[i * bc + j], built by the caller (mmts_cpu.cpp, mask_tile):
@@ -355,41 +356,12 @@ inline void softplus_sigma(T v, T& sp, T& sg) {
   sg = (v >= T(0) ? T(1) : e) / (T(1) + e);
 }
 
-template <typename T, bool MASK, bool GRADS>
-void fwd_sig(const T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
+// The forward's sums of row i: sig_i, and with GRADS Σ_j z σ(v) (→ ∂/∂b_i) and Σ_j z σ(v) S_ij (→ ∂/∂τ_i).
+// With WRITE_Q (the fused path) the same sweep also writes the backward's tile for g = 1 over S, in place:
+// Q_ij = −z_ij σ(v_ij)/τ_i (one exp per entry for softplus, σ and Q; the caller's GEMMs need Q, not S).
+template <typename T, bool MASK, bool GRADS, bool WRITE_Q>
+void fwd_sig(T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
              const T* tau, const T* bias, T* sig, T* sb, T* st, const uint8_t* X) {
-  for (int64_t i = 0; i < br; ++i) {
-    const T* s = S + i * ld;
-    const int64_t r = r0 + i, tl = tgt[r] - c0;
-    const uint8_t* x = MASK ? X + i * bc : nullptr;
-    const T inv_t = T(1) / tau[r], b = bias[r];
-    T acc = 0, ab = 0, as = 0;
-#pragma omp simd reduction(+ : acc, ab, as)
-    for (int64_t j = 0; j < bc; ++j) {
-      bool kept, positive;
-      const T v = sig_v<T, MASK>(s[j], inv_t, b, j, tl, x, kept, positive);
-      T sp, sg;
-      softplus_sigma(v, sp, sg);
-      acc += kept ? sp : T(0);
-      if (GRADS) {
-        const T q = kept ? (positive ? sg : -sg) : T(0);  // z σ(v)
-        ab += q;
-        as += q * s[j];
-      }
-    }
-    sig[r] += acc;
-    if (GRADS) {
-      sb[r] += ab;
-      st[r] += as;
-    }
-  }
-}
-
-// fwd_sig and the backward's tile for g = 1 in one sweep: one exp per entry for softplus, σ and Q, and S is read
-// once (Q overwrites it: the caller's GEMMs need Q, not S).
-template <typename T, bool MASK, bool GRADS>
-void fwd_sig_q(T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0, const int64_t* tgt,
-               const T* tau, const T* bias, T* sig, T* sb, T* st, const uint8_t* X) {
   for (int64_t i = 0; i < br; ++i) {
     T* s = S + i * ld;
     const int64_t r = r0 + i, tl = tgt[r] - c0;
@@ -409,7 +381,7 @@ void fwd_sig_q(T* S, int64_t ld, int64_t br, int64_t bc, int64_t r0, int64_t c0,
         ab += q;
         as += q * sj;
       }
-      s[j] = -q * inv_t;
+      if (WRITE_Q) s[j] = -q * inv_t;
     }
     sig[r] += acc;
     if (GRADS) {
