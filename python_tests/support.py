@@ -228,6 +228,34 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def targets_and_labels(layout: str, N: int, M: int, classes: int, g: torch.Generator, *, ring: bool = False):
+    """(targets [N], self_cols [N] or None, labels_x [N], labels_y [M]) of a statistics-level case with
+    ``classes`` classes (clamped to [1, N]: one big class to singletons), every target a same-label column:
+
+        "views"   x = y = Z = cat(z1, z2) of B = N/2 samples: positive a ± B, self column a, both views of a sample
+                  share its label, at least two classes (a decoupled row keeps a negative)
+        "square"  targets arange(N), one label per sample on both sides
+        "rect"    random targets into M columns, labels_x[i] = labels_y[targets[i]]; ``ring``: about half the rows
+                  get target −1 (no positive in this block, the sigmoid ring's case) and a random label
+    """
+    classes = max(1, min(classes, N))
+    if layout == "views":
+        B = N // 2
+        i = torch.arange(B)
+        base = torch.arange(B) % max(2, classes)
+        return torch.cat((i + B, i)), torch.cat((i, i + B)), torch.cat((base, base)), torch.cat((base, base))
+    if layout == "square":
+        labels = torch.randint(0, classes, (N,), generator=g)
+        return torch.arange(N), None, labels, labels
+    targets = torch.randint(0, M, (N,), generator=g)
+    labels_y = torch.randint(0, classes, (M,), generator=g)
+    labels_x = labels_y[targets]
+    if ring:
+        targets = torch.where(torch.rand(N, generator=g) < 0.5, -1, targets)
+        labels_x = torch.where(targets < 0, torch.randint(0, classes, (N,), generator=g), labels_x)
+    return targets, None, labels_x, labels_y
+
+
 def assert_matches_formula(backend: str, out, grads: dict, ref_out, ref_grads: dict, tol: float, context) -> None:
     """A loss and its gradients (name -> tensor) against a float64 formula's: same shape, and every relative error
     (``rel_err``) at most ``tol``; the message names the backend, the quantity and ``context`` (the case)."""

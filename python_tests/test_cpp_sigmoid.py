@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import mmts_kernels as mk
 from mmts_kernels import reference
 from mmts_kernels.stats import StatsRequest
-from support import AllocationRecorder, backend_marker, rel_err, run_python
+from support import AllocationRecorder, backend_marker, rel_err, run_python, targets_and_labels
 from test_cpp import peak_rss_growth
 
 pytestmark = backend_marker("cpp")
@@ -45,24 +45,8 @@ def make_case(kind: str, H: int, N: int, M: int, D: int, classes: int, seed: int
     tau = (0.2 + torch.rand(H, N, generator=g, dtype=torch.float64)).to(cdt).requires_grad_()
     bias = (torch.rand(H, N, generator=g, dtype=torch.float64) * 6 - 4).to(cdt).requires_grad_()
     margin = (0.05 + 0.4 * torch.rand(H, N, generator=g, dtype=torch.float64)).to(cdt).requires_grad_()
-    classes = max(1, min(classes, N))
-    self_cols = None
-    if same_tensor:  # N = 2B: positive a ± B, self a; both views share their sample's label
-        B = N // 2
-        i = torch.arange(B)
-        targets, self_cols = torch.cat((i + B, i)), torch.cat((i, i + B))
-        base = torch.arange(B) % max(2, classes)
-        lx = ly = torch.cat((base, base))
-    elif square:
-        targets = torch.arange(N)
-        lx = ly = torch.randint(0, classes, (N,), generator=g)
-    else:
-        targets = torch.randint(0, M, (N,), generator=g)
-        ly = torch.randint(0, classes, (M,), generator=g)
-        lx = ly[targets]  # the target is a same-label column
-        if kind == "sigmoid_ring":  # rows without a positive in this y
-            targets = torch.where(torch.rand(N, generator=g) < 0.5, -1, targets)
-            lx = torch.where(targets < 0, torch.randint(0, classes, (N,), generator=g), lx)
+    layout = "views" if same_tensor else "square" if square else "rect"
+    targets, self_cols, lx, ly = targets_and_labels(layout, N, M, classes, g, ring=kind == "sigmoid_ring")
     same_label = {"sigmoid_ring": "mask", "sigmoid_positive": "positive", "sigmoid_mask": "mask",
                   "lse_mask": "mask", "hinge_hard_mask": "mask", "ntxent_mask": "mask"}.get(kind)
     if kind.startswith("sigmoid"):

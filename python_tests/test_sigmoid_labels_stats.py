@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from mmts_kernels import backends, reference
 from mmts_kernels.stats import StatsRequest
 from mmts_kernels.temperature import DySTreSS
-from support import backend_marker, rel_err
+from support import backend_marker, rel_err, targets_and_labels
 
 FUSED = [pytest.param(name, marks=backend_marker(name)) for name in ("cpp", "triton")]
 KINDS = ("sigmoid", "sigmoid_ring", "sigmoid_positive", "sigmoid_mask", "lse_mask", "lse_mask_targets",
@@ -58,24 +58,8 @@ def make_case(kind: str, H: int, N: int, M: int, D: int, classes: int, seed: int
     bias = (torch.rand(H, N, generator=g, dtype=torch.float64) * 6 - 4).requires_grad_()
     margin = (0.05 + 0.4 * torch.rand(H, N, generator=g, dtype=torch.float64)).requires_grad_()
 
-    classes = max(1, min(classes, N))
-    self_cols = None
-    if kind == "ntxent_mask":  # Z = cat(z1, z2) of B = N/2 samples: positive a ± B, self a; both views share labels
-        B = N // 2
-        i = torch.arange(B)
-        targets, self_cols = torch.cat((i + B, i)), torch.cat((i, i + B))
-        base = torch.arange(B) % max(2, classes)  # at least two classes: a decoupled row keeps a negative
-        lx = ly = torch.cat((base, base))
-    elif square:
-        targets = torch.arange(N)
-        lx = ly = torch.randint(0, classes, (N,), generator=g)
-    else:
-        targets = torch.randint(0, M, (N,), generator=g)
-        ly = torch.randint(0, classes, (M,), generator=g)
-        lx = ly[targets]  # the target is always a same-label column
-        if kind == "sigmoid_ring":
-            targets = torch.where(torch.rand(N, generator=g) < 0.5, -1, targets)
-            lx = torch.where(targets < 0, torch.randint(0, classes, (N,), generator=g), lx)
+    layout = "views" if kind == "ntxent_mask" else "square" if square else "rect"
+    targets, self_cols, lx, ly = targets_and_labels(layout, N, M, classes, g, ring=kind == "sigmoid_ring")
 
     req = dict(deterministic=False)
     kwargs = {"self_cols": self_cols}
