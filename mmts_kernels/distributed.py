@@ -98,9 +98,7 @@ def distributed_loss(problem, impl, process_group):
         ly_all = _gather_labels(ly, m_sizes, group)
         lx_all = _gather_labels(lx, n_sizes, group) if problem.symmetric else None
         row_labels, col_labels = (lx, ly_all), (ly, lx_all)
-        if losses.uses_label_positives(problem):
-            positives = (losses.label_positive_mean(x, y_all, lx, ly_all),
-                         losses.label_positive_mean(y, x_all, ly, lx_all) if problem.symmetric else None)
+        positives = losses.label_positives(problem, (x, y_all, lx, ly_all), (y, x_all, ly, lx_all))
 
     row = impl.compute_stats(x, y_all, problem.tau, problem.margin, problem.targets + col_offset, row_request,
                              **losses.kernel_extras(problem, row_labels))

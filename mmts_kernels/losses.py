@@ -129,7 +129,8 @@ def loss_from_problem(problem: Problem, impl) -> torch.Tensor:
     terms = per_anchor_terms(
         stats, loss=problem.loss, hardest_negative=problem.hardest_negative, tau=problem.tau,
         dystress=problem.request.dystress, margin=problem.margin, symmetric=problem.symmetric,
-        positives=label_positives(problem, problem.x, problem.y, *problem.labels) if problem.labels else None,
+        positives=label_positives(problem, (problem.x, problem.y, *problem.labels),
+                                  (problem.y, problem.x, *reversed(problem.labels))) if problem.labels else None,
     )
     return reduce_terms(
         terms, loss=problem.loss, hardest_negative=problem.hardest_negative, reduction=problem.reduction,
@@ -148,18 +149,14 @@ def kernel_extras(problem: Problem, labels: Optional[tuple] = None) -> dict:
     return extras
 
 
-def uses_label_positives(problem) -> bool:
-    """InfoNCE with same_label="positive": the numerator is the mean over the row's positives."""
-    return problem.same_label == "positive" and getattr(problem, "loss", "infonce") == "infonce"
-
-
-def label_positives(problem: Problem, x, y, labels_x, labels_y) -> Optional[tuple]:
-    """The numerators (row [H, N], column [H, M] or None) of same_label="positive" for rows x against columns y
-    (and, symmetric, columns y against rows x); None when the loss does not use them."""
-    if not uses_label_positives(problem):
+def label_positives(problem: Problem, rows: tuple, cols: tuple) -> Optional[tuple]:
+    """The numerators (row [H, n], column [H, m] or None) of InfoNCE with same_label="positive", or None when the
+    loss does not use them. ``rows`` = (x, y, labels_x, labels_y): each row of x against every column of y;
+    ``cols`` the same with the roles swapped, for the column direction (symmetric losses). One process passes its
+    whole batch; a rank passes its local rows against the gathered columns."""
+    if problem.loss != "infonce" or problem.same_label != "positive":
         return None
-    row = label_positive_mean(x, y, labels_x, labels_y)
-    return row, (label_positive_mean(y, x, labels_y, labels_x) if problem.symmetric else None)
+    return label_positive_mean(*rows), (label_positive_mean(*cols) if problem.symmetric else None)
 
 
 def nt_xent_indices(b: int, offset: int, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
