@@ -110,9 +110,7 @@ def validate(
             raise ValueError("temperature: the sigmoid loss takes a float or a per-sample tensor, not DySTreSS "
                              "(its τ(S) is defined for the softmax of InfoNCE)")
         bias_t = _per_sample("bias", bias, H, N, x3.device, cdt, checking_values, positive=False)
-    if label_pair is not None and same_label == "positive" and dystress is not None:
-        raise ValueError("same_label='positive' averages S_ip/τ_i over the positives, which needs a per-sample "
-                         "temperature; with DySTreSS pass same_label='ignore'")
+    _check_supcon_temperature(label_pair, same_label, dystress)
 
     if check_finite and checking_values:
         for name, t in (("x", x3), ("y", y3), ("temperature", tau), ("margin", margin_t), ("bias", bias_t)):
@@ -151,6 +149,12 @@ def kernel_same_label(loss: str, same_label: str, decoupled: bool = False) -> Op
     if loss == "infonce" and not decoupled:
         return None
     return "mask"
+
+
+def _check_supcon_temperature(label_pair, same_label: str, dystress) -> None:
+    if label_pair is not None and same_label == "positive" and dystress is not None:
+        raise ValueError("same_label='positive' averages S_ip/τ_i over the positives, which needs a per-sample "
+                         "temperature; with DySTreSS pass same_label='ignore'")
 
 
 def check_labels(labels, N: int, M: int, device, checking_values: bool, *, targets: Optional[torch.Tensor],
@@ -389,9 +393,7 @@ def validate_nt_xent(z1, z2, *, temperature, decoupled, reduction, normalize, ba
     if pair is not None and decoupled and checking_values and not distributed and bool((pair[0] == pair[0][0]).all()):
         raise ValueError("labels: with decoupled=True every anchor needs a negative of another class, but all B "
                          "samples share one label (the loss would be log 0)")
-    if pair is not None and same_label == "positive" and dystress is not None:
-        raise ValueError("same_label='positive' averages S_ap/τ_a over the positives, which needs a per-sample "
-                         "temperature; with DySTreSS pass same_label='ignore'")
+    _check_supcon_temperature(pair, same_label, dystress)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     request = StatsRequest(lse=True, ws=tau is not None and tau.requires_grad, dystress=dystress,
